@@ -1,0 +1,207 @@
+"""PeRFlowScheduler: a diffusers scheduler that samples a PeRFlow student (DESIGN.md §4).
+
+It drives diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and
+``AnimateDiffPipeline`` unchanged, and reads the ``scheduler_config.json`` of released PeRFlow
+checkpoints (same keys; ``prediction_type="epsilon"`` is the old name of ``diff_eps``).
+
+``set_timesteps(n)``: n steps over the K windows, the first ``n mod K`` windows get one extra step;
+inside a window the points are ``linspace(t_s, t_e, m, endpoint=False)`` and ``tau = int(1000 t)``.
+For K = 4: n = 4 -> [1000, 750, 500, 250]; n = 8 -> [1000, 875, ..., 125].
+
+``n < K`` (fewer steps than windows): we run exactly the n steps asked for, at
+``t = 1 - j / n`` (j = 0 ... n-1), each an Euler step of the velocity of the window the current
+time lies in, over the longer interval. Quality is below n = K (each step extrapolates its window's
+straight segment past its end), and a warning says so once per call. The reference implementation
+silently forced n = K instead.
+
+``step``: the prediction becomes the window velocity with paper eq. 6 (or is the velocity), then
+Euler ``z_next = z + (tau_next - tau) / 1000 * v`` (tau_next = 0 after the last step).
+Classifier-free guidance is applied to the prediction before ``step`` (equivalent to CFG on v).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .noise_schedule import make_alphas_cumprod
+from .parameterization import canonical_prediction_type, get_parameterization
+from .time_windows import abar_at, time_of_timestep, timestep_of_time, window_of_time
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeRFlowSchedulerOutput(BaseOutput):
+    """Output of :meth:`PeRFlowScheduler.step`.
+
+    Args:
+        prev_sample: (B, ...) the latent at the next timestep.
+        pred_window_end: (B, ...) the end of the current window the prediction implies
+            (z + (t_e - t) v): a preview of where this window's straight segment leads.
+    """
+
+    prev_sample: torch.Tensor
+    pred_window_end: torch.Tensor | None = None
+
+
+def perflow_time_points(num_inference_steps: int, num_windows: int) -> np.ndarray:
+    """The sampling times t (float64, decreasing from 1) of DESIGN.md §4, including the n < K rule."""
+    n, K = num_inference_steps, num_windows
+    if n < K:
+        return np.linspace(1.0, 0.0, n, endpoint=False)
+    points = []
+    for k in range(K):
+        m = n // K + (1 if k < n % K else 0)
+        t_s, t_e = 1.0 - k / K, 1.0 - (k + 1) / K
+        points.append(np.linspace(t_s, t_e, m, endpoint=False))
+    return np.concatenate(points)
+
+
+class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
+    """Piecewise rectified flow sampler (Euler on the per-window straight velocity field).
+
+    Args:
+        num_train_timesteps: N, the teacher's number of diffusion steps.
+        beta_start, beta_end, beta_schedule, trained_betas: the teacher's noise schedule (abar is needed
+            at the window edges). AnimateDiff motion modules use ``linear``, SD ``scaled_linear``.
+        set_alpha_to_one: accepted for config compatibility with released checkpoints; PeRFlow's last
+            window always ends at abar[0] (DESIGN.md §1), so it has no effect.
+        prediction_type: ``ddim_eps`` (B), ``diff_eps`` (A; legacy name ``epsilon``) or ``velocity``.
+        t_noise, t_clean: the time interval; PeRFlow uses [1, 0] (other values are rejected).
+        num_time_windows: K.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        set_alpha_to_one: bool = False,
+        prediction_type: str = "ddim_eps",
+        t_noise: float = 1.0,
+        t_clean: float = 0.0,
+        num_time_windows: int = 4,
+    ):
+        if float(t_noise) != 1.0 or float(t_clean) != 0.0:
+            raise ValueError(f"PeRFlow uses t_noise=1, t_clean=0; got t_noise={t_noise}, t_clean={t_clean}")
+        if int(num_time_windows) < 1:
+            raise ValueError(f"num_time_windows must be >= 1, got {num_time_windows}")
+        canonical = canonical_prediction_type(prediction_type)
+        if canonical != prediction_type:
+            self.register_to_config(prediction_type=canonical)
+        self.parameterization = get_parameterization(canonical)
+        self.alphas_cumprod = make_alphas_cumprod(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.from_numpy(
+            timestep_of_time(
+                torch.from_numpy(perflow_time_points(num_time_windows, num_time_windows))
+            ).numpy()
+        )
+        self._step_index: int | None = None
+
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """PeRFlow does not rescale the model input."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Place ``num_inference_steps`` sampling points on the K windows (see the module docstring)."""
+        n, K, N = int(num_inference_steps), self.config.num_time_windows, self.config.num_train_timesteps
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+        if n > N:
+            raise ValueError(f"num_inference_steps={n} exceeds num_train_timesteps={N}")
+        if n < K:
+            logger.warning(
+                "PeRFlowScheduler: %d steps < %d time windows; running %d Euler steps that cross window "
+                "edges (lower quality than %d steps).",
+                n,
+                K,
+                n,
+                K,
+            )
+        taus = timestep_of_time(torch.from_numpy(perflow_time_points(n, K)), N)
+        if torch.unique(taus).numel() != taus.numel():
+            raise ValueError(f"{n} steps over {K} windows put two steps on the same integer timestep")
+        self.num_inference_steps = n
+        self.timesteps = taus.to(device)
+        self._step_index = None
+
+    def _index_of(self, timestep: int | torch.Tensor) -> int:
+        tau = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        hits = (self.timesteps.cpu() == tau).nonzero()
+        if hits.numel() == 0:
+            raise ValueError(
+                f"timestep {tau} is not one of the scheduler's timesteps {self.timesteps.tolist()}"
+            )
+        return int(hits[0])
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> PeRFlowSchedulerOutput | tuple:
+        """Advance ``sample`` from ``timestep`` to the next scheduled timestep (DESIGN.md §4).
+
+        Args:
+            model_output: (B, ...) the student's (guided) prediction: eps or v per ``prediction_type``.
+            timestep: the current timestep, one of ``self.timesteps``.
+            sample: (B, ...) the current latent z_t.
+        """
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps(num_inference_steps) before step()")
+        idx = self._index_of(timestep)
+        N, K = self.config.num_train_timesteps, self.config.num_time_windows
+        tau = self.timesteps[idx].cpu()
+        tau_next = self.timesteps[idx + 1].cpu() if idx + 1 < len(self.timesteps) else torch.tensor(0)
+
+        t = time_of_timestep(tau.reshape(1), N)
+        t_s, t_e = window_of_time(t, K, N)
+        abar_s, abar_e = (
+            abar_at(t_s, self.alphas_cumprod).double(),
+            abar_at(t_e, self.alphas_cumprod).double(),
+        )
+        # Window quantities in float64, the latent update in the sample's dtype.
+        v = self.parameterization.velocity(
+            model_output.double(), sample.double(), t, t_s, t_e, abar_s, abar_e
+        )
+        dt = float(tau_next - tau) / N
+        prev_sample = (sample.double() + dt * v).to(sample.dtype)
+        window_end = (sample.double() + float(t_e - t) * v).to(sample.dtype)
+        self._step_index = idx + 1
+        if not return_dict:
+            return (prev_sample,)
+        return PeRFlowSchedulerOutput(prev_sample=prev_sample, pred_window_end=window_end)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """z_t = sqrt(abar(t)) z_0 + sqrt(1 - abar(t)) eps with t = tau / N (abar index tau - 1, DESIGN §1)."""
+        t = time_of_timestep(torch.as_tensor(timesteps).reshape(-1).cpu(), self.config.num_train_timesteps)
+        abar = abar_at(t, self.alphas_cumprod).to(
+            device=original_samples.device, dtype=original_samples.dtype
+        )
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        return abar.sqrt().reshape(shape) * original_samples + (1.0 - abar).sqrt().reshape(shape) * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
