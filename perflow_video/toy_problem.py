@@ -95,16 +95,17 @@ def train_toy_student(
     batch_size: int = 512,
     lr: float = 2e-3,
     seed: int = 0,
+    hidden: int = 128,
 ) -> ToyStudent:
     """Train a fresh ToyStudent with :func:`reflow_loss` (Adam, cosine decay). Deterministic given seed."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    student = ToyStudent(dim=mixture.means.shape[1]).double()
+    student = ToyStudent(dim=mixture.means.shape[1], hidden=hidden)  # float32: 5x faster than float64 on CPU
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     cond = Conditioning()
     for _ in range(steps):
-        z_0 = mixture.sample(batch_size, gen)
+        z_0 = mixture.sample(batch_size, gen).float()
         out = reflow_loss(student, teacher, z_0, teacher.alphas_cumprod, config, cond, generator=gen)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -118,9 +119,10 @@ def sample_with_scheduler(model: nn.Module, scheduler, noise: Tensor, num_steps:
     """Generic diffusers sampling loop (what a pipeline does) for a UNet-like model."""
     scheduler.set_timesteps(num_steps)
     z = noise * scheduler.init_noise_sigma
+    dtype = next(iter(model.parameters()), noise).dtype  # run the model in its own precision
     for tau in scheduler.timesteps:
-        out = unet_output(model(scheduler.scale_model_input(z, tau), tau.reshape(1)))
-        z = scheduler.step(out, tau, z).prev_sample
+        out = unet_output(model(scheduler.scale_model_input(z, tau).to(dtype), tau.reshape(1)))
+        z = scheduler.step(out.to(z.dtype), tau, z).prev_sample
     return z
 
 
