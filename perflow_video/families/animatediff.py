@@ -1,0 +1,138 @@
+"""AnimateDiff: SD1.5 UNet + motion modules (diffusers ``UNetMotionModel``), 16 x 384 x 384 clips,
+parameterization B, the motion modules' own *linear* betas (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
+from einops import rearrange
+from safetensors.torch import load_file
+
+from ..animatediff_keys import original_to_diffusers
+from ..teacher_solver import Conditioning
+from .base import (
+    TRAINABLE_CHOICES,
+    FamilyModels,
+    FamilySpec,
+    ModelFamily,
+    encode_clip_prompts,
+    encode_pixels_to_latents,
+    is_single_file,
+    make_student,
+    missing_weights_error,
+)
+from .loading import TINY_PREFIX, load_component, resolve_model_path
+from .stable_diffusion import load_sd_parts
+
+FLAG = "model.motion_adapter"
+# The motion adapter users pair with SD1.5 for 16-frame clips; its config is read for single files.
+DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a pickle (.ckpt/.pt) loaded with ``weights_only=True``."""
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+def load_motion_adapter(source: str, config_source: str | None, sd_path: str) -> MotionAdapter:
+    """A ``MotionAdapter`` from a diffusers folder / hub id, or from an original AnimateDiff motion-module
+    file (``mm_sd_v15_v2.ckpt``-style, converted key by key; its config from ``config_source``)."""
+    if source == TINY_PREFIX:
+        source = os.path.join(sd_path, "motion_adapter")
+    if not is_single_file(source):
+        return load_component(MotionAdapter, source, None, None, None, FLAG)
+    config_source = config_source or DEFAULT_MOTION_ADAPTER
+    try:
+        config = MotionAdapter.load_config(
+            config_source, local_files_only=os.path.isdir(config_source) or None
+        )
+    except (OSError, ValueError) as err:
+        raise missing_weights_error(
+            "MotionAdapter config", config_source, "model.single_file_config"
+        ) from err
+    adapter = MotionAdapter.from_config(config)
+    state = original_to_diffusers(
+        {k: v for k, v in read_checkpoint(source).items() if "motion_modules" in k and "pos_encoder" not in k}
+    )
+    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    missing = [
+        k for k in missing if not k.endswith("pos_embed.pe")
+    ]  # sinusoidal buffer, rebuilt by diffusers
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: motion module does not match the adapter config from {config_source}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return adapter
+
+
+class AnimateDiffFamily(ModelFamily):
+    """Text-to-video with AnimateDiff motion modules on an SD1.5 UNet."""
+
+    name = "animatediff"
+    default_parameterization = "ddim_eps"
+    default_resolution = 384
+    is_video = True
+
+    def __init__(self):
+        self.num_frames = 16
+
+    def load(self, spec: FamilySpec) -> FamilyModels:
+        unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
+        sd_path = resolve_model_path(spec.pretrained_model_name_or_path, self.name)
+        adapter_source = spec.motion_adapter or DEFAULT_MOTION_ADAPTER
+        adapter = load_motion_adapter(adapter_source, spec.single_file_config, sd_path)
+        teacher = UNetMotionModel.from_unet2d(unet, adapter)
+        for module in (teacher, vae, text_encoder):
+            module.requires_grad_(False)
+        self.num_frames = spec.num_frames
+        models = FamilyModels(
+            teacher, make_student(teacher), vae, [text_encoder], [tokenizer], sched_cfg, source
+        )
+        models.extras["motion_adapter"] = adapter_source
+        return models
+
+    def set_trainable(self, student, trainable):
+        if trainable not in TRAINABLE_CHOICES:
+            raise ValueError(f"model.trainable={trainable!r}; choose one of {TRAINABLE_CHOICES}")
+        for name, param in student.named_parameters():
+            is_motion = "motion_modules" in name
+            param.requires_grad_(trainable == "all" or (trainable == "motion") == is_motion)
+        return [n for n, p in student.named_parameters() if p.requires_grad]
+
+    def encode_prompts(self, models, prompts, device) -> Conditioning:
+        ehs = encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
+        # UNetMotionModel takes one embedding per frame, (B·F, seq, dim), as AnimateDiffPipeline builds it.
+        return Conditioning(ehs.repeat_interleave(self.num_frames, dim=0))
+
+    def encode_pixels(self, models, pixel_values):
+        """(B, F, 3, H, W) clip pixels -> (B, 4, F, H/8, W/8) latents."""
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != self.num_frames:
+            raise ValueError(
+                f"expected clips (B, {self.num_frames}, 3, H, W), got {tuple(pixel_values.shape)}; "
+                "model.num_frames and data.num_frames must agree"
+            )
+        b = pixel_values.shape[0]
+        latents = encode_pixels_to_latents(models.vae, rearrange(pixel_values, "b f c h w -> (b f) c h w"))
+        return rearrange(latents, "(b f) c h w -> b c f h w", b=b)
+
+    def pipeline(self, models, student, scheduler):
+        pipe = AnimateDiffPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            unet=student,
+            motion_adapter=None,
+            scheduler=scheduler,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_student(self, student: torch.nn.Module, folder: str) -> None:
+        student.save_pretrained(f"{folder}/unet_motion", safe_serialization=True)
+        student.save_motion_modules(f"{folder}/motion_adapter", safe_serialization=True)

@@ -1,0 +1,86 @@
+"""SD 1.5 (eps teacher, parameterization A, 512) and SD 2.1 (v teacher, velocity, 768): DESIGN.md §6."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..teacher_solver import Conditioning
+from .base import (
+    FamilyModels,
+    FamilySpec,
+    ModelFamily,
+    encode_clip_prompts,
+    encode_pixels_to_latents,
+    is_single_file,
+    make_student,
+)
+from .loading import load_component, load_scheduler_config, resolve_model_path
+
+FLAG = "model.pretrained_model_name_or_path"
+
+
+def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
+    """(unet, vae, text_encoder, tokenizer, scheduler_config, source) of an SD 1.x/2.x model.
+
+    A single ``.safetensors``/``.ckpt`` file (a community SD1.5 checkpoint) is read with diffusers'
+    ``from_single_file``; its component configs come from ``model.single_file_config`` (a diffusers
+    folder or hub id of the same architecture).
+    """
+    path = resolve_model_path(spec.pretrained_model_name_or_path, family)
+    if is_single_file(path):
+        if spec.single_file_config is None:
+            raise ValueError(
+                f"{path} is a single checkpoint file: set model.single_file_config to a diffusers folder or hub id "
+                "of the same architecture (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for its configs"
+            )
+        pipe = StableDiffusionPipeline.from_single_file(
+            path, config=spec.single_file_config, safety_checker=None, requires_safety_checker=False
+        )
+        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), path
+    unet = load_component(UNet2DConditionModel, path, "unet", spec.revision, spec.variant, FLAG)
+    vae = load_component(AutoencoderKL, path, "vae", spec.revision, spec.variant, FLAG)
+    text_encoder = load_component(CLIPTextModel, path, "text_encoder", spec.revision, spec.variant, FLAG)
+    tokenizer = load_component(CLIPTokenizer, path, "tokenizer", spec.revision, None, FLAG)
+    return unet, vae, text_encoder, tokenizer, load_scheduler_config(path, spec.revision, FLAG), path
+
+
+class StableDiffusionFamily(ModelFamily):
+    """SD 1.x / 2.x text-to-image UNets."""
+
+    def __init__(self, name: str, default_parameterization: str, default_resolution: int):
+        self.name = name
+        self.default_parameterization = default_parameterization
+        self.default_resolution = default_resolution
+
+    def load(self, spec: FamilySpec) -> FamilyModels:
+        unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+        return FamilyModels(unet, make_student(unet), vae, [text_encoder], [tokenizer], sched_cfg, source)
+
+    def encode_prompts(self, models, prompts, device) -> Conditioning:
+        return Conditioning(
+            encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
+        )
+
+    def encode_pixels(self, models, pixel_values):
+        return encode_pixels_to_latents(models.vae, pixel_values)
+
+    def pipeline(self, models, student, scheduler):
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            unet=student,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_student(self, student: torch.nn.Module, folder: str) -> None:
+        student.save_pretrained(f"{folder}/unet", safe_serialization=True)
