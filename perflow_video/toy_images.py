@@ -14,8 +14,9 @@ from PIL import Image
 from .toy_clips import ToyClipConfig, plan_toy_clips, render_toy_clip
 
 
-def make_toy_images(out_dir: str | Path, config: ToyClipConfig = ToyClipConfig()) -> list[Path]:
+def make_toy_images(out_dir: str | Path, config: ToyClipConfig | None = None) -> list[Path]:
     """Write the middle frame of every planned toy clip as ``<videoid>.png``; deterministic."""
+    config = config or ToyClipConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
