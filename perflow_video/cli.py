@@ -59,10 +59,14 @@ def resolve_config(args: argparse.Namespace, default_config: Path) -> TrainConfi
     return load_train_config(str(args.config or default_config), flags, args.overrides)
 
 
-def run(args: argparse.Namespace, default_config: Path) -> int:
+def run(args: argparse.Namespace, default_config: Path, families: tuple[str, ...]) -> int:
     """Resolve the config, print it for --dry-run, else train. Config errors exit with status 2."""
     try:
         cfg = resolve_config(args, default_config)
+        if cfg.model.family not in families:
+            raise ConfigError(
+                f"model.family={cfg.model.family!r}, but this script trains {' / '.join(families)}"
+            )
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def train(cfg: TrainConfig) -> Path:
                 "tensorboard is not installed (pip install tensorboard); logging to the console only"
             )
             report_to = "none"
+    # Without a GPU, accelerate only joins a torchrun/mpirun process group (gloo) when told cpu=True.
+    cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_distributed,
         mixed_precision=cfg.optim.mixed_precision,
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
         log_with=None if report_to == "none" else report_to,
@@ -270,6 +274,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.run.checkpointing_steps and state.global_step % cfg.run.checkpointing_steps != 0:
         _save_checkpoint(accelerator, out, state, cfg.run.checkpoints_total_limit)
     accelerator.wait_for_everyone()
+    # One number per process: data-parallel ranks must hold identical weights (checked by the tests).
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(device)
+    checksums = accelerator.gather(checksum).tolist()
     if accelerator.is_main_process:
         final_student = accelerator.unwrap_model(student)
         if ema is not None:
@@ -277,7 +284,10 @@ def train(cfg: TrainConfig) -> Path:
         write_final_outputs(family, models, final_student, trainable_names, reflow, cfg, out)
         _validate(accelerator, family, models, final_student, reflow, cfg, out / "samples" / "final")
         with open(out / "train_summary.json", "w") as f:
-            json.dump({"global_step": state.global_step, "skipped_nonfinite": nonfinite_total}, f)
+            summary = {"global_step": state.global_step, "skipped_nonfinite": nonfinite_total}
+            json.dump(
+                {**summary, "num_processes": accelerator.num_processes, "param_checksums": checksums}, f
+            )
     accelerator.end_training()
     return out
 

@@ -15,7 +15,7 @@ def main() -> int:
     default = CONFIG_DIR / "tiny" / "animatediff.yaml"
     if args.config is None and not args.tiny:
         print("no --config given: training the embedded tiny AnimateDiff on data/toy_clips", file=sys.stderr)
-    return run(args, default)
+    return run(args, default, ("animatediff",))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from perflow_video.cli import CONFIG_DIR, build_parser, run
 def main() -> int:
     args = build_parser(__doc__, with_model=True).parse_args()
     default = CONFIG_DIR / ("tiny" if args.tiny else "") / f"{args.model}.yaml"
-    return run(args, default)
+    return run(args, default, (args.model,))
 
 
 if __name__ == "__main__":

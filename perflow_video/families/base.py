@@ -98,9 +98,10 @@ def encode_clip_prompts(text_encoder, tokenizer, prompts: list[str], device) -> 
 
 @torch.no_grad()
 def encode_pixels_to_latents(vae, pixels: Tensor, chunk: int = 16) -> Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) latents times the VAE scaling factor (in chunks)."""
+    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) posterior-mean latents times the VAE scaling factor."""
     dtype = next(vae.parameters()).dtype
-    parts = [vae.encode(p.to(dtype)).latent_dist.sample() for p in pixels.split(chunk)]
+    # The posterior mean, not a sample: deterministic, so runs split over processes draw nothing extra.
+    parts = [vae.encode(p.to(dtype)).latent_dist.mode() for p in pixels.split(chunk)]
     return torch.cat(parts) * vae.config.scaling_factor
 
 

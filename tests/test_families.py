@@ -1,0 +1,77 @@
+"""Model families: loading from folders and single files, clear errors, trainable selection, conditioning."""
+
+import pytest
+import torch
+
+from perflow_video.animatediff_keys import export_motion_module_original
+from perflow_video.families import FamilySpec, get_family
+from perflow_video.families.animatediff import load_motion_adapter
+from perflow_video.tiny_models import save_tiny_model, tiny_motion_adapter
+
+
+def spec(path, family="sd15", **kw):
+    base = dict(
+        pretrained_model_name_or_path=str(path), motion_adapter=None, single_file_config=None, revision=None,
+        variant=None, resolution=64, num_frames=4, trainable="all",
+    )  # fmt: skip
+    base.update(kw)
+    return FamilySpec(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_animatediff(tmp_path_factory):
+    return save_tiny_model("animatediff", tmp_path_factory.mktemp("ad") / "model")
+
+
+def test_unknown_family_lists_the_choices():
+    with pytest.raises(ValueError, match="animatediff"):
+        get_family("sd3")
+
+
+def test_missing_weights_say_where_they_looked_and_how_to_point_elsewhere(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path") as err:
+        get_family("sd15").load(spec(tmp_path / "nowhere"))
+    assert "nowhere" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_original_animatediff_motion_module_file_loads_into_a_motion_adapter(
+    tmp_path, suffix, tiny_animatediff
+):
+    adapter = tiny_motion_adapter(seed=7)
+    path = tmp_path / f"mm{suffix}"
+    tensors = export_motion_module_original(adapter, tmp_path / "mm.safetensors")
+    if suffix == ".ckpt":  # a pickled original checkpoint, read with weights_only=True
+        torch.save({"state_dict": tensors}, path)
+    loaded = load_motion_adapter(str(path), str(tiny_animatediff / "motion_adapter"), str(tiny_animatediff))
+    for key, value in adapter.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_animatediff_family_trainable_selection_and_per_frame_conditioning(tiny_animatediff):
+    family = get_family("animatediff")
+    models = family.load(spec(tiny_animatediff, motion_adapter=str(tiny_animatediff / "motion_adapter")))
+    names = family.set_trainable(models.student, "motion")
+    assert names and all("motion_modules" in n for n in names)
+    spatial = family.set_trainable(models.student, "spatial")
+    assert spatial and not any("motion_modules" in n for n in spatial)
+    assert not any(p.requires_grad for p in models.teacher.parameters())
+    cond = family.encode_prompts(models, ["a red circle", ""], "cpu")
+    assert cond.encoder_hidden_states.shape[0] == 2 * 4  # (B·F, seq, dim), b-major like AnimateDiffPipeline
+    torch.testing.assert_close(cond.encoder_hidden_states[0], cond.encoder_hidden_states[3])
+    z0 = family.encode_pixels(models, torch.rand(2, 4, 3, 64, 64) * 2 - 1)
+    assert z0.shape == (2, 4, 4, 8, 8)  # (B, C, F, H/8, W/8)
+    with pytest.raises(ValueError, match="trainable"):
+        family.set_trainable(models.student, "lora")
+
+
+def test_sdxl_conditioning_has_pooled_embeds_time_ids_and_zero_empty_prompt(tmp_path):
+    family = get_family("sdxl")
+    models = family.load(spec(save_tiny_model("sdxl", tmp_path / "xl"), family="sdxl", resolution=128))
+    cond = family.encode_prompts(models, ["a red circle", ""], "cpu")
+    assert cond.added_cond_kwargs["time_ids"].tolist()[0] == [128, 128, 0, 0, 128, 128]
+    assert (
+        cond.encoder_hidden_states[1].abs().sum() == 0
+        and cond.added_cond_kwargs["text_embeds"][1].abs().sum() == 0
+    )
+    assert cond.encoder_hidden_states[0].abs().sum() > 0

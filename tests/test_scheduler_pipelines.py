@@ -1,0 +1,441 @@
+"""PeRFlowScheduler with tiny *real* diffusers UNets and pipelines (DESIGN.md §1, §2, §4).
+
+Nothing here is mocked: the UNets are ``UNet2DConditionModel`` / ``UNetMotionModel`` and the pipelines are
+diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and ``AnimateDiffPipeline`` built
+by :mod:`perflow_video.tiny_models`. The tests check
+
+1. the parameterization-B identity (DESIGN §2) on real networks, 4-D and 5-D, in float64: an untrained
+   student sampled with one step per window *is* the teacher's DDIM through every window edge;
+2. that the pipelines run with our scheduler swapped in, on DESIGN §4's timesteps, with CFG before ``step``;
+3. that a pipeline's output equals a hand-written UNet + scheduler loop (the pipeline adds nothing);
+4. the teacher's (AnimateDiff: linear) noise schedule and the save / load round trip of a pipeline folder.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from perflow_video.noise_schedule import make_alphas_cumprod
+from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.teacher_solver import Conditioning, solve_window
+from perflow_video.tiny_models import tiny_pipeline, tiny_scheduler, tiny_unet, tiny_unet_motion
+
+DESIGN_TIMESTEPS = {  # DESIGN.md §4 for K = 4 (n = 2 < K: t = 1 - j / n, the module docstring's rule)
+    2: [1000, 500],
+    4: [1000, 750, 500, 250],
+    6: [1000, 875, 750, 625, 500, 250],
+}
+PIPELINE_CLASSES = {
+    "sd15": StableDiffusionPipeline,
+    "sd21": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "animatediff": AnimateDiffPipeline,
+}
+PARAMETERIZATION = {"sd15": "diff_eps", "sd21": "velocity", "sdxl": "ddim_eps", "animatediff": "ddim_eps"}
+FRAMES = 4
+
+
+def perflow_pipeline(family: str, num_time_windows: int = 4, prediction_type: str | None = None):
+    """The family's tiny teacher pipeline with the scheduler swapped for PeRFlow, the documented user path."""
+    pipe = tiny_pipeline(family)
+    pipe.scheduler = PeRFlowScheduler.from_config(
+        pipe.scheduler.config,
+        prediction_type=prediction_type or PARAMETERIZATION[family],
+        num_time_windows=num_time_windows,
+    )
+    return pipe
+
+
+def size_kwargs(family: str, num_frames: int = FRAMES) -> dict:
+    """Small resolutions: SD / AnimateDiff 64 px (8 latents), SDXL 128 px (its tiny default, 16 latents)."""
+    side = 128 if family == "sdxl" else 64
+    kwargs = {"height": side, "width": side}
+    if family == "animatediff":
+        kwargs["num_frames"] = num_frames
+    return kwargs
+
+
+def record_steps(pipe) -> list[dict]:
+    """Wrap ``pipe.scheduler.step`` (on the instance) to record what the pipeline hands the scheduler."""
+    calls: list[dict] = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        out = original(model_output, timestep, sample, *args, **kwargs)
+        prev = out[0] if isinstance(out, tuple) else out.prev_sample
+        calls.append(
+            {"t": int(timestep), "model_output": model_output.clone(), "sample": sample.clone(), "prev": prev}
+        )
+        return out
+
+    pipe.scheduler.step = step
+    return calls
+
+
+def clip_embeds(pipe, prompt: str) -> torch.Tensor:
+    """(1, 77, 32) last hidden state of the pipeline's own text encoder (what SD / AnimateDiff condition on)."""
+    ids = pipe.tokenizer(
+        [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. Parameterization B on real UNets: untrained student = teacher's DDIM at the window edges
+# ------------------------------------------------------------------------------------------------------
+
+
+def float64_teacher(family: str):
+    """(network, z_1, conditioning) in float64: the tiny SD1.5 UNet on (2, 4, 8, 8) latents, or the tiny
+    AnimateDiff UNetMotionModel on (2, 4, F, 8, 8) latents with per-frame prompt embeddings (B·F, 77, 32)."""
+    g = torch.Generator().manual_seed(7)
+    ehs = torch.randn(2, 77, 32, generator=g, dtype=torch.float64)
+    if family == "sd15":
+        net = tiny_unet("sd15").double()
+        z = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    else:
+        net = tiny_unet_motion().double()
+        z = torch.randn(2, 4, FRAMES, 8, 8, generator=g, dtype=torch.float64)
+        ehs = ehs.repeat_interleave(FRAMES, dim=0)  # b-major, as AnimateDiffPipeline and the family do
+    return net, z, Conditioning(ehs)
+
+
+def sample_student(net, z, cond, scheduler, timestep_shift: int) -> list[torch.Tensor]:
+    """Sample the untrained student (= the teacher network) with ``scheduler``; returns z after every step.
+
+    ``timestep_shift`` = 1 feeds the network tau - 1 = int(1000 t) - 1, the discrete index whose abar the
+    teacher denoises (DESIGN §1); 0 feeds tau itself, as real sampling of a student does.
+    """
+    edges = []
+    with torch.no_grad():
+        for tau in scheduler.timesteps:
+            eps = net(z, tau - timestep_shift, **cond.unet_kwargs()).sample
+            z = scheduler.step(eps, tau, z).prev_sample
+            edges.append(z)
+    return edges
+
+
+def diffusers_ddim_edges(net, z, cond, family: str, K: int) -> list[torch.Tensor]:
+    """The teacher's K-step DDIM with diffusers' own DDIMScheduler: ``trailing`` spacing gives the timesteps
+    999, 999 - 1000/K, ... and the last step ends at final_alpha_cumprod = abar[0] (set_alpha_to_one=False),
+    i.e. exactly the PeRFlow window edges. alphas_cumprod is promoted to float64 so that the comparison
+    can be made at 1e-10 (the values are the float32 table's)."""
+    ddim = DDIMScheduler.from_config(tiny_scheduler(family).config, timestep_spacing="trailing")
+    ddim.alphas_cumprod = ddim.alphas_cumprod.double()
+    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
+    ddim.set_timesteps(K)
+    assert ddim.timesteps.tolist() == [1000 * (K - k) // K - 1 for k in range(K)]
+    assert not ddim.config.set_alpha_to_one
+    edges = []
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            z = ddim.step(net(z, t, **cond.unet_kwargs()).sample, t, z).prev_sample
+            edges.append(z)
+    return edges
+
+
+@pytest.mark.parametrize("family", ["sd15", "animatediff"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_parameterization_b_untrained_real_unet_is_teacher_ddim_at_every_window_edge(family, K):
+    net, z1, cond = float64_teacher(family)
+    teacher_config = tiny_scheduler(family).config  # SD: scaled_linear, AnimateDiff: linear betas
+    abar = DDIMScheduler.from_config(teacher_config).alphas_cumprod
+    scheduler = PeRFlowScheduler.from_config(teacher_config, prediction_type="ddim_eps", num_time_windows=K)
+    scheduler.set_timesteps(K)
+    assert scheduler.timesteps.tolist() == [1000 * (K - k) // K for k in range(K)]
+
+    student = sample_student(net, z1, cond, scheduler, timestep_shift=1)
+    ddim = diffusers_ddim_edges(net, z1, cond, family, K)
+    z_teacher = z1
+    for k in range(K):
+        ones = torch.ones(z1.shape[0], dtype=torch.float64)
+        t_s, t_e = 1 - k / K, 1 - (k + 1) / K
+        z_teacher = solve_window(net, z_teacher, t_s * ones, t_e * ones, abar, cond, num_steps=1)
+        assert student[k].dtype == torch.float64 and student[k].shape == z1.shape
+        torch.testing.assert_close(student[k], z_teacher, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(student[k], ddim[k], rtol=1e-10, atol=1e-10)
+    # not vacuous: the network's prediction matters (the result is far from a pure rescaling of z1)
+    assert (student[-1] - z1 * (abar[0] / abar[-1]).sqrt().double()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("family", ["sd15", "animatediff"])
+def test_without_the_timestep_shift_the_student_is_close_to_but_not_the_teacher(family):
+    """Real sampling feeds the student tau = 1000 t (1000 at t = 1), the teacher was evaluated at the index
+    tau - 1 (999). The sinusoidal timestep embedding of 1000 and 999 differ (its highest frequency turns by
+    one radian per timestep), so the untrained student is only approximately the teacher's DDIM; training
+    (DESIGN §3 step 6 uses timestep 1000 t) absorbs the shift."""
+    net, z1, cond = float64_teacher(family)
+    K = 4
+    scheduler = PeRFlowScheduler.from_config(
+        tiny_scheduler(family).config, prediction_type="ddim_eps", num_time_windows=K
+    )
+    scheduler.set_timesteps(K)
+    exact = sample_student(net, z1, cond, scheduler, timestep_shift=1)[-1]
+    unshifted = sample_student(net, z1, cond, scheduler, timestep_shift=0)[-1]
+    diff = (unshifted - exact).abs().max().item()
+    assert diff > 1e-6, "tau and tau - 1 must give different timestep embeddings"
+    assert diff < 0.1 * exact.abs().max().item()
+    # the one-step effect is small: eps(z, 1000) vs eps(z, 999)
+    with torch.no_grad():
+        e1000 = net(z1, torch.tensor(1000), **cond.unet_kwargs()).sample
+        e999 = net(z1, torch.tensor(999), **cond.unet_kwargs()).sample
+    assert 0 < (e1000 - e999).abs().max() < 0.1 * e999.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. diffusers' own pipelines, unchanged, driven by PeRFlowScheduler
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl", "animatediff"])
+@pytest.mark.parametrize("n", [4, 6, 2])
+def test_pipeline_runs_on_design_timesteps(family, n, caplog):
+    pipe = perflow_pipeline(family)
+    assert isinstance(pipe.scheduler, PeRFlowScheduler)
+    assert pipe.scheduler.config.prediction_type == PARAMETERIZATION[family]
+    calls = record_steps(pipe)
+    seen = []
+
+    def on_step_end(pipeline, i, t, callback_kwargs):
+        seen.append((i, int(t)))
+        return callback_kwargs
+
+    with caplog.at_level(logging.WARNING, logger="perflow_video.scheduler"):
+        out = pipe(
+            "a red ball moving left",
+            num_inference_steps=n,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            callback_on_step_end=on_step_end,
+            **size_kwargs(family),
+        )
+    expected = DESIGN_TIMESTEPS[n]
+    assert pipe.scheduler.timesteps.tolist() == expected
+    assert seen == list(enumerate(expected))
+    assert [c["t"] for c in calls] == expected
+    assert ("2 steps < 4 time windows" in caplog.text) == (n == 2)
+    # the scheduler's output is what the pipeline continues from
+    for before, after in zip(calls, calls[1:], strict=False):
+        assert torch.equal(after["sample"], before["prev"])
+    side = size_kwargs(family)["height"]
+    latent_shape = (
+        (1, 4, FRAMES, side // 8, side // 8) if family == "animatediff" else (1, 4, side // 8, side // 8)
+    )
+    assert all(c["sample"].shape == c["model_output"].shape == latent_shape for c in calls)
+    if family == "animatediff":
+        result = out.frames
+        assert result.shape == (1, FRAMES, 3, side, side)
+    else:
+        result = out.images
+        assert result.shape == (1, 3, side, side)
+    assert torch.isfinite(result).all() and torch.isfinite(calls[-1]["prev"]).all()
+    assert 0.0 <= result.min() and result.max() <= 1.0  # postprocessed to [0, 1]
+
+
+def test_animatediff_pipeline_eight_frames_latent_output():
+    pipe = perflow_pipeline("animatediff")
+    latents = pipe(
+        "a blue square",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="latent",
+        **size_kwargs("animatediff", num_frames=8),
+    ).frames
+    assert latents.shape == (1, 4, 8, 8, 8) and torch.isfinite(latents).all()
+    assert pipe.scheduler.timesteps.tolist() == DESIGN_TIMESTEPS[4]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "animatediff"])
+def test_classifier_free_guidance_is_applied_before_step(family):
+    """With guidance_scale > 1 the pipeline runs the UNet on [uncond, cond] and hands ``step`` the guided
+    prediction u + w (c - u); our scheduler turns that into the window velocity (CFG on eps = CFG on v)."""
+    w = 3.0
+    pipe = perflow_pipeline(family)
+    calls = record_steps(pipe)
+    unet_outputs = []
+    hook = pipe.unet.register_forward_hook(
+        lambda module, args, output: unet_outputs.append(output[0].clone())
+    )
+    kwargs = {
+        "num_inference_steps": 4,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "latent",
+        **size_kwargs(family),
+    }
+    guided = pipe("a red ball", negative_prompt="blurry", guidance_scale=w, **kwargs)
+    hook.remove()
+    assert [c["t"] for c in calls] == DESIGN_TIMESTEPS[4] and len(unet_outputs) == 4
+    for call, both in zip(calls, unet_outputs, strict=True):
+        assert both.shape[0] == 2 * call["sample"].shape[0]
+        uncond, cond = both.chunk(2)
+        torch.testing.assert_close(call["model_output"], uncond + w * (cond - uncond))
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    plain = pipe("a red ball", negative_prompt="blurry", guidance_scale=1.0, **kwargs)
+    z_guided = guided.frames if family == "animatediff" else guided.images
+    z_plain = plain.frames if family == "animatediff" else plain.images
+    assert torch.isfinite(z_guided).all() and (z_guided - z_plain).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. The pipeline adds nothing: pipeline latents == a hand-written UNet + scheduler loop
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["animatediff", "sd15"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_pipeline_latents_equal_hand_written_loop(family, guidance_scale):
+    pipe = perflow_pipeline(family, prediction_type="ddim_eps")
+    video = family == "animatediff"
+    shape = (1, 4, FRAMES, 8, 8) if video else (1, 4, 8, 8)
+    z1 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    cond, uncond = clip_embeds(pipe, "a green circle moving up"), clip_embeds(pipe, "")
+    extra = {"num_frames": FRAMES} if video else {}
+    out = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        latents=z1.clone(),
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        output_type="latent",
+        height=64,
+        width=64,
+        **extra,
+    )
+    pipe_latents = out.frames if video else out.images
+
+    # the same UNet and a fresh scheduler of the same config, no pipeline
+    scheduler = PeRFlowScheduler.from_config(pipe.scheduler.config)
+    assert scheduler.init_noise_sigma == 1.0
+    scheduler.set_timesteps(4)
+    embeds = torch.cat([uncond, cond]) if guidance_scale > 1 else cond
+    if video:
+        embeds = embeds.repeat_interleave(FRAMES, dim=0)
+    z = z1
+    with torch.no_grad():
+        for tau in scheduler.timesteps:
+            z_in = torch.cat([z, z]) if guidance_scale > 1 else z
+            pred = pipe.unet(z_in, tau, encoder_hidden_states=embeds).sample
+            if guidance_scale > 1:
+                u, c = pred.chunk(2)
+                pred = u + guidance_scale * (c - u)
+            z = scheduler.step(pred, tau, z).prev_sample
+    assert pipe_latents.shape == shape
+    torch.testing.assert_close(pipe_latents, z, rtol=1e-6, atol=1e-6)
+    assert (z - z1).abs().max() > 0.1  # the loop did something
+
+
+def test_untrained_student_through_animatediff_pipeline_is_the_teachers_ddim_pipeline():
+    """End to end in float64: AnimateDiffPipeline + PeRFlowScheduler (ddim_eps, n = K = 4) with the UNet fed
+    tau - 1 (a forward pre-hook) gives the same latents as AnimateDiffPipeline + DDIMScheduler (trailing,
+    4 steps) with the plain UNet: the parameterization-B identity survives the whole pipeline."""
+    pipe = tiny_pipeline("animatediff").to(torch.float64)
+    cond = clip_embeds(pipe, "a red ball bouncing")
+    z1 = torch.randn(1, 4, FRAMES, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kwargs = {
+        "prompt_embeds": cond,
+        "num_inference_steps": 4,
+        "guidance_scale": 1.0,
+        "output_type": "latent",
+        "num_frames": FRAMES,
+        "height": 64,
+        "width": 64,
+    }
+    teacher_config = pipe.scheduler.config
+
+    ddim = DDIMScheduler.from_config(teacher_config, timestep_spacing="trailing")
+    ddim.alphas_cumprod = ddim.alphas_cumprod.double()
+    ddim.final_alpha_cumprod = ddim.final_alpha_cumprod.double()
+    pipe.scheduler = ddim
+    teacher = pipe(latents=z1.clone(), **kwargs).frames
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+
+    pipe.scheduler = PeRFlowScheduler.from_config(
+        teacher_config, prediction_type="ddim_eps", num_time_windows=4
+    )
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kw: ((args[0], args[1] - 1, *args[2:]), kw), with_kwargs=True
+    )
+    student = pipe(latents=z1.clone(), **kwargs).frames
+    hook.remove()
+    assert student.dtype == torch.float64
+    torch.testing.assert_close(student, teacher, rtol=1e-10, atol=1e-10)
+    unshifted = pipe(latents=z1.clone(), **kwargs).frames
+    assert (unshifted - teacher).abs().max() > 1e-6  # see test_without_the_timestep_shift_...
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. The teacher's noise schedule and saving / loading a pipeline folder with our scheduler
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_scheduler_from_animatediff_teacher_config_uses_its_linear_alphas_cumprod():
+    ddim = tiny_scheduler("animatediff")
+    assert ddim.config.beta_schedule == "linear"
+    s = PeRFlowScheduler.from_config(ddim.config, prediction_type="ddim_eps", num_time_windows=4)
+    assert s.config.beta_schedule == "linear" and s.config.num_time_windows == 4
+    assert s.alphas_cumprod.dtype == ddim.alphas_cumprod.dtype
+    assert torch.equal(s.alphas_cumprod, ddim.alphas_cumprod)
+    sd_abar = make_alphas_cumprod(beta_schedule="scaled_linear")
+    assert torch.equal(tiny_scheduler("sd15").alphas_cumprod, sd_abar)
+    assert (s.alphas_cumprod - sd_abar).abs().max() > 1e-3  # the schedule choice matters
+
+
+def public(config) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("family", ["sd15", "animatediff"])
+def test_pipeline_folder_round_trip_with_perflow_scheduler(family, tmp_path):
+    pipe = perflow_pipeline(family)
+    cls = PIPELINE_CLASSES[family]
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["perflow_video.scheduler", "PeRFlowScheduler"]
+    saved = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "PeRFlowScheduler" and saved["num_time_windows"] == 4
+    assert saved["prediction_type"] == PARAMETERIZATION[family]
+
+    scheduler = PeRFlowScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert public(scheduler.config) == public(pipe.scheduler.config)
+    assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+
+    # The explicit user path (scheduler passed in) and the plain one: model_index.json names the module
+    # ``perflow_video.scheduler``, which diffusers imports, so the plain load also gives our scheduler.
+    explicit = cls.from_pretrained(tmp_path, scheduler=scheduler)
+    plain = cls.from_pretrained(tmp_path)
+    generic = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(generic) is cls
+    for loaded in (explicit, plain, generic):
+        assert isinstance(loaded.scheduler, PeRFlowScheduler)
+        assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+
+    def latents(p):
+        p.set_progress_bar_config(disable=True)
+        out = p(
+            "a yellow star",
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(2),
+            output_type="latent",
+            **size_kwargs(family),
+        )
+        return out.frames if family == "animatediff" else out.images
+
+    # Both loads read the same files: identical. Against the in-memory original, float32 kernels may take
+    # other code paths for the loaded (memory-mapped) weights: ~1e-6 per UNet call, so compare at 1e-4
+    # (a wrong schedule, K or parameterization would move the latents by O(0.1)).
+    reference = latents(explicit)
+    torch.testing.assert_close(latents(plain), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reference, latents(pipe), rtol=1e-4, atol=1e-4)

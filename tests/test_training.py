@@ -1,0 +1,192 @@
+"""End-to-end training through the real CLI scripts on the tiny embedded models (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from perflow_video.delta_weights import apply_delta_weights, load_delta_weights
+from perflow_video.scheduler import PeRFlowScheduler
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["run.validation_steps=0", "run.log_every=1", "optim.lr_warmup_steps=2"]
+VIDEO_FAST = ["model.num_frames=4", "reflow.solver_steps=2", "optim.train_batch_size=1"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Subprocess environment with one shared cache of tiny models for the whole session."""
+    e = dict(os.environ)
+    e["PERFLOW_VIDEO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["HF_HUB_OFFLINE"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def script_for(family: str) -> list[str]:
+    if family == "animatediff":
+        return [sys.executable, str(REPO / "scripts" / "train_animatediff.py")]
+    return [sys.executable, str(REPO / "scripts" / "train_image.py"), "--model", family, "--tiny"]
+
+
+def train(env, family, out, *args, check=True):
+    cmd = script_for(family) + ["--output_dir", str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def student_state(out: Path, family: str) -> dict:
+    name = "unet_motion" if family == "animatediff" else "unet"
+    return load_file(str(out / "student" / name / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["animatediff", "sd15", "sd21", "sdxl"])
+def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
+    extra = VIDEO_FAST if family == "animatediff" else []
+    train(
+        env,
+        family,
+        tmp_path,
+        "--max_train_steps",
+        "3",
+        *FAST,
+        *extra,
+        "run.validation_prompts=[a red circle]",
+    )
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["global_step"] == 3
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints").is_dir()
+    samples = list((tmp_path / "samples" / "final").iterdir())
+    assert len(samples) == 1 and samples[0].suffix == (".gif" if family == "animatediff" else ".png")
+
+    expected = {"animatediff": "ddim_eps", "sd15": "diff_eps", "sd21": "velocity", "sdxl": "ddim_eps"}[family]
+    sched = PeRFlowScheduler.from_pretrained(tmp_path / "scheduler")
+    assert sched.config.prediction_type == expected and sched.config.num_time_windows == 4
+    beta_schedule = "linear" if family == "animatediff" else "scaled_linear"  # the teacher's own betas
+    assert sched.config.beta_schedule == beta_schedule
+
+    delta, meta = load_delta_weights(tmp_path / "delta_weights.safetensors")
+    assert meta.family == family and meta.parameterization == expected and meta.cfg_mode == "sync"
+    assert json.loads(meta.resolved_config)["model"]["family"] == family
+    # ΔW applied to the teacher gives the student back.
+    cfg_cache = Path(env["PERFLOW_VIDEO_CACHE"]) / "tiny_models" / f"{family}-seed0"
+    if family == "animatediff":
+        from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+        teacher = UNetMotionModel.from_unet2d(
+            UNet2DConditionModel.from_pretrained(cfg_cache, subfolder="unet"),
+            MotionAdapter.from_pretrained(cfg_cache / "motion_adapter"),
+        )
+        assert all("motion_modules" in k for k in delta)  # default: only the motion modules train
+        assert (tmp_path / "delta_weights_motion_original.safetensors").is_file()
+        assert (tmp_path / "perflow_motion_module.safetensors").is_file()
+        assert (tmp_path / "student" / "motion_adapter").is_dir()
+    else:
+        from diffusers import UNet2DConditionModel
+
+        teacher = UNet2DConditionModel.from_pretrained(cfg_cache, subfolder="unet")
+    apply_delta_weights(teacher, delta)
+    student = student_state(tmp_path, family)
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, student[key], rtol=0, atol=1e-6)
+
+
+def test_resume_after_hard_kill_continues_at_the_same_step_with_the_same_result(env, tmp_path):
+    args = ["--max_train_steps", "24", "run.checkpointing_steps=2", "run.checkpoints_total_limit=2", *FAST]
+    full = tmp_path / "uninterrupted"
+    train(env, "sd15", full, *args)
+
+    out = tmp_path / "killed"
+    cmd = script_for("sd15") + ["--output_dir", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while (
+        not (out / "checkpoints" / "checkpoint-6").exists() and time.time() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a hard kill, possibly in the middle of writing a checkpoint
+    proc.wait()
+    assert not (out / "train_summary.json").exists(), "the run finished before it could be killed"
+    names = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert names and all((out / "checkpoints" / n / "trainer_state.json").is_file() for n in names)
+    latest = max(int(n.split("-")[1]) for n in names)
+
+    train(env, "sd15", out, *args, "--resume_from_checkpoint", "latest")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 24 and latest + 1 in steps  # the step count continues after the checkpoint
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    resumed, uninterrupted = student_state(out, "sd15"), student_state(full, "sd15")
+    for key in uninterrupted:  # same data order, same per-sample draws, same optimizer state
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-7)
+
+
+def test_two_process_data_parallel_matches_one_process_with_the_same_global_batch(env, tmp_path):
+    common = ["--tiny", "--model", "sd15", "--max_train_steps", "4", *FAST, "run.validation_prompts=[]"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_image.py"]
+    proc = subprocess.run(
+        ddp + common + ["--output_dir", str(tmp_path / "ddp"), "optim.train_batch_size=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = [sys.executable, "scripts/train_image.py"] + common
+    proc = subprocess.run(
+        single + ["--output_dir", str(tmp_path / "one"), "optim.train_batch_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    a, b = summary["param_checksums"]
+    assert a == b  # the ranks hold identical weights
+    ddp_delta = load_file(str(tmp_path / "ddp" / "delta_weights.safetensors"))
+    one_delta = load_file(str(tmp_path / "one" / "delta_weights.safetensors"))
+    scale = max(v.abs().max().item() for v in one_delta.values())
+    assert scale > 0
+    for key in one_delta:
+        torch.testing.assert_close(ddp_delta[key], one_delta[key], rtol=0, atol=1e-3 * scale)
+
+
+def run_cli(env, *args):
+    return subprocess.run(
+        [sys.executable, "scripts/train_animatediff.py", *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_dry_run_prints_the_resolved_config(env):
+    proc = run_cli(env, "--dry-run", "optim.learning_rate=3e-5", "--max_train_steps", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert "learning_rate: 3.0e-05" in proc.stdout and "max_train_steps: 7" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["optim.lrr=1"], "optim.lrr"),
+        (["optim.max_train_steps=many"], "optim.max_train_steps"),
+        (["model.family=sdxl"], "this script trains animatediff"),
+        (["--config", "no/such/file.yaml"], "no/such/file.yaml"),
+        (["reflow.loss_weighting=snr"], "loss_weighting"),
+    ],
+)
+def test_bad_config_is_a_clear_error_naming_the_key(env, args, message):
+    proc = run_cli(env, "--dry-run", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_training_data_names_the_path(env, tmp_path):
+    proc = train(
+        env, "sd15", tmp_path, "--train_data", "no/such/data.csv", "--max_train_steps", "1", check=False
+    )
+    assert proc.returncode != 0 and "no/such/data.csv" in proc.stderr
