@@ -11,7 +11,7 @@ from perflow_video.cli import CONFIG_DIR, build_parser, run
 
 
 def main() -> int:
-    args = build_parser(__doc__, with_model=False).parse_args()
+    args = build_parser(__doc__, with_model=False).parse_intermixed_args()
     default = CONFIG_DIR / "tiny" / "animatediff.yaml"
     if args.config is None and not args.tiny:
         print("no --config given: training the embedded tiny AnimateDiff on data/toy_clips", file=sys.stderr)

@@ -10,7 +10,7 @@ from perflow_video.cli import CONFIG_DIR, build_parser, run
 
 
 def main() -> int:
-    args = build_parser(__doc__, with_model=True).parse_args()
+    args = build_parser(__doc__, with_model=True).parse_intermixed_args()
     default = CONFIG_DIR / ("tiny" if args.tiny else "") / f"{args.model}.yaml"
     return run(args, default, (args.model,))
 

@@ -13,6 +13,8 @@ by :mod:`perflow_video.tiny_models`. The tests check
 
 import json
 import logging
+import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -79,6 +81,32 @@ def record_steps(pipe) -> list[dict]:
 
     pipe.scheduler.step = step
     return calls
+
+
+def check_steps_follow_design(calls: list[dict], family: str, K: int = 4) -> None:
+    """Every step the pipeline made, recomputed from DESIGN §2 / §4 (eq. 6, then Euler) in float64 with exact
+    window arithmetic, on exactly what the pipeline handed the scheduler. abar is the teacher DDIM's."""
+    abar = DDIMScheduler.from_config(tiny_scheduler(family).config).alphas_cumprod.double()
+    prediction_type = PARAMETERIZATION[family]
+    taus = [c["t"] for c in calls] + [0]
+    for call, tau_next in zip(calls, taus[1:], strict=True):
+        z, out = call["sample"].double(), call["model_output"].double()
+        t = Fraction(call["t"], 1000)
+        t_s = Fraction(math.ceil(t * K), K)  # the window whose start t equals or is below
+        t_e = t_s - Fraction(1, K)
+        if prediction_type == "velocity":
+            v = out
+        else:
+            a_s, a_e = abar[int(1000 * t_s) - 1], abar[max(int(1000 * t_e) - 1, 0)]
+            lam = (a_e / a_s).sqrt()
+            if prediction_type == "diff_eps":
+                eta = -(a_e / a_s - 1).sqrt()
+            else:
+                eta = (1 - a_e).sqrt() - (a_e * (1 - a_s) / a_s).sqrt()
+            v = ((1 - lam) * z - eta * out) / (float(t - t_e) + lam * float(t_s - t))
+        expected = z + (tau_next - call["t"]) / 1000 * v
+        assert call["prev"].dtype == call["sample"].dtype
+        torch.testing.assert_close(call["prev"].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def clip_embeds(pipe, prompt: str) -> torch.Tensor:
@@ -225,6 +253,7 @@ def test_pipeline_runs_on_design_timesteps(family, n, caplog):
     assert seen == list(enumerate(expected))
     assert [c["t"] for c in calls] == expected
     assert ("2 steps < 4 time windows" in caplog.text) == (n == 2)
+    check_steps_follow_design(calls, family)
     # the scheduler's output is what the pipeline continues from
     for before, after in zip(calls, calls[1:], strict=False):
         assert torch.equal(after["sample"], before["prev"])
