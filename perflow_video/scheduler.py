@@ -108,12 +108,10 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         )
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = torch.from_numpy(
-            timestep_of_time(
-                torch.from_numpy(perflow_time_points(num_time_windows, num_time_windows))
-            ).numpy()
+        # Placeholder until set_timesteps (step() refuses to run before it): one step per window.
+        self.timesteps = timestep_of_time(
+            torch.from_numpy(perflow_time_points(num_time_windows, num_time_windows)), num_train_timesteps
         )
-        self._step_index: int | None = None
 
     def scale_model_input(
         self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
@@ -142,7 +140,6 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{n} steps over {K} windows put two steps on the same integer timestep")
         self.num_inference_steps = n
         self.timesteps = taus.to(device)
-        self._step_index = None
 
     def _index_of(self, timestep: int | torch.Tensor) -> int:
         tau = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
@@ -187,7 +184,6 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         dt = float(tau_next - tau) / N
         prev_sample = (sample.double() + dt * v).to(sample.dtype)
         window_end = (sample.double() + float(t_e - t) * v).to(sample.dtype)
-        self._step_index = idx + 1
         if not return_dict:
             return (prev_sample,)
         return PeRFlowSchedulerOutput(prev_sample=prev_sample, pred_window_end=window_end)
