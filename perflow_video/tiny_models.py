@@ -305,8 +305,13 @@ VAE_CONFIG: dict = {
     "norm_num_groups": 4,
     "sample_size": 64,  # only used for tiling; analogous to 512 of SD
 }
-# Latent scaling of the real VAEs: SD1.x/2.x 0.18215, SDXL 0.13025.
-_VAE_SCALING = {"sd15": 0.18215, "sd21": 0.18215, "sdxl": 0.13025, "animatediff": 0.18215}
+# The real factors (SD1.x/2.x 0.18215, SDXL 0.13025) are 1 / std of the real VAEs' latents, so that data
+# and noise have the same scale. The tiny random VAE's latents of the toy data have std ~0.27; with SD's
+# factor the data would be a near-point mass beside unit noise and every teacher trajectory straight.
+TINY_LATENT_STD = 0.27
+# Bump when the tiny models change, so cached copies (families/loading.py) are rebuilt.
+TINY_MODELS_VERSION = 2
+_VAE_SCALING = {family: round(1.0 / TINY_LATENT_STD, 3) for family in ("sd15", "sd21", "sdxl", "animatediff")}
 
 
 def tiny_vae(seed: int = 0, family: str = "sd15") -> AutoencoderKL:
@@ -314,7 +319,7 @@ def tiny_vae(seed: int = 0, family: str = "sd15") -> AutoencoderKL:
 
     Args:
         seed: Seed of the random initialisation.
-        family: Selects the latent ``scaling_factor`` (0.18215; SDXL: 0.13025).
+        family: Kept for symmetry; every tiny VAE scales latents to unit variance (``TINY_LATENT_STD``).
 
     Returns:
         The model in eval mode.

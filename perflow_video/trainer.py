@@ -114,6 +114,12 @@ def train(cfg: TrainConfig) -> Path:
     family = get_family(cfg.model.family)
     models = family.load(family_spec(cfg))
     teacher_prediction = models.scheduler_config.get("prediction_type", "epsilon")
+    if cfg.reflow.teacher_prediction_type != teacher_prediction:
+        logger.info(
+            "reflow.teacher_prediction_type=%s replaced by %s, what the teacher's scheduler config says",
+            cfg.reflow.teacher_prediction_type,
+            teacher_prediction,
+        )
     reflow: ReflowConfig = replace(cfg.reflow, teacher_prediction_type=teacher_prediction)
     alphas_cumprod = alphas_cumprod_from_scheduler_config(models.scheduler_config)
     trainable_names = family.set_trainable(models.student, cfg.model.trainable)

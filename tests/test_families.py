@@ -1,5 +1,7 @@
 """Model families: loading from folders and single files, clear errors, trainable selection, conditioning."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +77,20 @@ def test_sdxl_conditioning_has_pooled_embeds_time_ids_and_zero_empty_prompt(tmp_
         and cond.added_cond_kwargs["text_embeds"][1].abs().sum() == 0
     )
     assert cond.encoder_hidden_states[0].abs().sum() > 0
+
+
+def test_tiny_latents_of_the_toy_clips_have_unit_scale(tiny_animatediff):
+    # Data and noise on the same scale, as the real VAEs' scaling factors make them (else trajectories are trivial).
+    from perflow_video.video_clips import VideoClipConfig, VideoClipDataset
+
+    family = get_family("animatediff")
+    models = family.load(spec(tiny_animatediff, motion_adapter=str(tiny_animatediff / "motion_adapter")))
+    ds = VideoClipDataset(
+        VideoClipConfig(
+            csv_path=str(Path(__file__).resolve().parent.parent / "data/toy_clips/captions.csv"),
+            num_frames=4,
+            resolution=64,
+        )
+    )
+    z0 = family.encode_pixels(models, torch.stack([ds[i]["pixel_values"] for i in range(6)]))
+    assert 0.5 < z0.std().item() < 2.0

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from perflow_video.delta_weights import apply_delta_weights, load_delta_weights
 from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.tiny_models import TINY_MODELS_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["run.validation_steps=0", "run.log_every=1", "optim.lr_warmup_steps=2"]
@@ -79,7 +80,7 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
     assert meta.family == family and meta.parameterization == expected and meta.cfg_mode == "sync"
     assert json.loads(meta.resolved_config)["model"]["family"] == family
     # ΔW applied to the teacher gives the student back.
-    cfg_cache = Path(env["PERFLOW_VIDEO_CACHE"]) / "tiny_models" / f"{family}-seed0"
+    cfg_cache = Path(env["PERFLOW_VIDEO_CACHE"]) / "tiny_models" / f"{family}-seed0-v{TINY_MODELS_VERSION}"
     if family == "animatediff":
         from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 

@@ -28,9 +28,9 @@ def resolve_model_path(path: str, family: str) -> str:
     """
     if path != TINY_PREFIX:
         return path
-    from ..tiny_models import save_tiny_model  # only the embedded default needs the builders
+    from ..tiny_models import TINY_MODELS_VERSION, save_tiny_model  # only the embedded default needs them
 
-    folder = tiny_cache_dir() / f"{family}-seed0"
+    folder = tiny_cache_dir() / f"{family}-seed0-v{TINY_MODELS_VERSION}"
     if (folder / "model_index.json").is_file():
         return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
