@@ -50,12 +50,15 @@ def write_final_outputs(
     family: ModelFamily,
     models: FamilyModels,
     student: torch.nn.Module,
-    trainable_names: list[str],
+    initial_weights: dict[str, torch.Tensor],
     reflow: ReflowConfig,
     cfg: TrainConfig,
     out: Path,
 ) -> dict[str, Path]:
-    """Write the student, its scheduler and ΔW (in every layout the family's users load)."""
+    """Write the student, its scheduler and ΔW (in every layout the family's users load).
+
+    ``initial_weights`` are the trained tensors as loaded from the teacher (fp32): ΔW = student - them.
+    """
     written: dict[str, Path] = {}
     family.save_student(student, str(out / "student"))
     written["student"] = out / "student"
@@ -65,9 +68,8 @@ def write_final_outputs(
     scheduler.save_pretrained(out / "scheduler")
     written["scheduler"] = out / "scheduler"
 
-    teacher_state = {k: v.float().cpu() for k, v in models.teacher.state_dict().items()}
     student_state = {k: v.float().cpu() for k, v in student.state_dict().items()}
-    delta = compute_delta_weights(student_state, teacher_state, trainable_names)
+    delta = compute_delta_weights(student_state, initial_weights, list(initial_weights))
     layout = "diffusers_unet_motion" if family.is_video else "diffusers_unet"
     base = models.base_model + (
         f" + {models.extras['motion_adapter']}" if "motion_adapter" in models.extras else ""

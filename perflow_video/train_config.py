@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config_io import apply_overrides, from_dict, load_yaml_data, merge_dicts
+from .config_io import ConfigError, apply_overrides, from_dict, load_yaml_data, merge_dicts
 from .reflow_objective import ReflowConfig
 
 
@@ -109,4 +109,24 @@ def load_train_config(config_path: str | None, flag_values: dict, overrides: lis
             section, name = key.split(".")
             data = merge_dicts(data, {section: {name: value}})
     data = apply_overrides(data, overrides)
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, with_family_defaults(data))
+
+
+def with_family_defaults(data: dict) -> dict:
+    """Fill what the config leaves unsaid from the family (DESIGN.md §6): its parameterization and
+    resolution, so that ``model.family=sd21`` alone trains ``velocity`` at 768."""
+    from .families import get_family  # imports diffusers; only needed once a config is resolved
+
+    model = data.get("model") or {}
+    name = model.get("family", ModelConfig.family)
+    try:
+        family = get_family(name)
+    except ValueError as err:
+        raise ConfigError(f"model.family: {err}") from err
+    defaults = {
+        "model": {"resolution": family.default_resolution},
+        "reflow": {"parameterization": family.default_parameterization},
+    }
+    if name != "animatediff":
+        defaults["model"]["trainable"] = "all"  # image models have no motion modules
+    return merge_dicts(defaults, data)

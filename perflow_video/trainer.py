@@ -123,6 +123,11 @@ def train(cfg: TrainConfig) -> Path:
     reflow: ReflowConfig = replace(cfg.reflow, teacher_prediction_type=teacher_prediction)
     alphas_cumprod = alphas_cumprod_from_scheduler_config(models.scheduler_config)
     trainable_names = family.set_trainable(models.student, cfg.model.trainable)
+    # ΔW is taken against the teacher's weights as loaded (fp32), before the frozen copy goes to half precision.
+    initial_weights = {
+        n: p.detach().float().cpu().clone() for n, p in models.student.named_parameters() if p.requires_grad
+    }
+    models.student.train()
     attention = configure_attention([models.teacher, models.student], cfg.model.attention)
     if cfg.model.gradient_checkpointing:
         models.student.enable_gradient_checkpointing()
@@ -182,6 +187,7 @@ def train(cfg: TrainConfig) -> Path:
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
     latent_shape = None
+    empty_cond, empty_batch = None, 0
     nonfinite_in_a_row, nonfinite_total = 0, 0
     progress = tqdm(
         total=o.max_train_steps,
@@ -208,8 +214,13 @@ def train(cfg: TrainConfig) -> Path:
                 with torch.no_grad():
                     cond = family.encode_prompts(models, prompts, device)
                     uncond = None
-                    if reflow.guidance_scale != 1.0:
-                        uncond = family.encode_prompts(models, [""] * len(prompts), device)
+                    if reflow.guidance_scale != 1.0:  # CFG-fixed: the empty prompt, encoded once
+                        if empty_cond is None or len(prompts) != empty_batch:
+                            empty_cond, empty_batch = (
+                                family.encode_prompts(models, [""] * len(prompts), device),
+                                len(prompts),
+                            )
+                        uncond = empty_cond
                 with accelerator.autocast():
                     result = reflow_loss(
                         student, teacher, z_0, alphas_cumprod, reflow, cond, uncond,
@@ -287,7 +298,7 @@ def train(cfg: TrainConfig) -> Path:
         final_student = accelerator.unwrap_model(student)
         if ema is not None:
             ema.copy_to(params)  # export the averaged weights
-        write_final_outputs(family, models, final_student, trainable_names, reflow, cfg, out)
+        write_final_outputs(family, models, final_student, initial_weights, reflow, cfg, out)
         _validate(accelerator, family, models, final_student, reflow, cfg, out / "samples" / "final")
         with open(out / "train_summary.json", "w") as f:
             summary = {"global_step": state.global_step, "skipped_nonfinite": nonfinite_total}

@@ -50,19 +50,19 @@ def student_state(out: Path, family: str) -> dict:
     return load_file(str(out / "student" / name / "diffusion_pytorch_model.safetensors"))
 
 
+# Each family also exercises one trainer feature, so every option runs somewhere in CI.
+FEATURES = {
+    "animatediff": [*VIDEO_FAST, "model.gradient_checkpointing=true"],
+    "sd15": ["optim.use_ema=true", "optim.gradient_accumulation_steps=2"],
+    "sd21": ["reflow.guidance_scale=3.0"],  # CFG-fixed teacher
+    "sdxl": ["optim.mixed_precision=bf16"],  # CPU autocast; frozen models in bf16
+}
+
+
 @pytest.mark.parametrize("family", ["animatediff", "sd15", "sd21", "sdxl"])
 def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
-    extra = VIDEO_FAST if family == "animatediff" else []
-    train(
-        env,
-        family,
-        tmp_path,
-        "--max_train_steps",
-        "3",
-        *FAST,
-        *extra,
-        "run.validation_prompts=[a red circle]",
-    )
+    prompts = "run.validation_prompts=[a red circle]"
+    train(env, family, tmp_path, "--max_train_steps", "3", *FAST, *FEATURES[family], prompts)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["global_step"] == 3
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
@@ -77,7 +77,8 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
     assert sched.config.beta_schedule == beta_schedule
 
     delta, meta = load_delta_weights(tmp_path / "delta_weights.safetensors")
-    assert meta.family == family and meta.parameterization == expected and meta.cfg_mode == "sync"
+    assert meta.family == family and meta.parameterization == expected
+    assert meta.cfg_mode == ("fixed" if family == "sd21" else "sync")
     assert json.loads(meta.resolved_config)["model"]["family"] == family
     # ΔW applied to the teacher gives the student back.
     cfg_cache = Path(env["PERFLOW_VIDEO_CACHE"]) / "tiny_models" / f"{family}-seed0-v{TINY_MODELS_VERSION}"
@@ -194,8 +195,30 @@ def test_bad_config_is_a_clear_error_naming_the_key(env, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_diverging_training_stops_with_a_clear_message_after_repeated_nonfinite_losses(env, tmp_path):
+    args = ["--max_train_steps", "30", "optim.learning_rate=1e30", "optim.lr_warmup_steps=0", *FAST]
+    proc = train(env, "sd15", tmp_path, *args, "run.max_consecutive_nonfinite=3", check=False)
+    assert proc.returncode != 0
+    assert "non-finite losses in a row" in proc.stderr
+
+
 def test_missing_training_data_names_the_path(env, tmp_path):
     proc = train(
         env, "sd15", tmp_path, "--train_data", "no/such/data.csv", "--max_train_steps", "1", check=False
     )
     assert proc.returncode != 0 and "no/such/data.csv" in proc.stderr
+
+
+def test_family_defaults_fill_what_the_config_leaves_unsaid(env):
+    cmd = [
+        sys.executable,
+        "scripts/train_image.py",
+        "--model",
+        "sd21",
+        "--config",
+        os.devnull,
+        "model.family=sd21",
+    ]
+    proc = subprocess.run([*cmd, "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameterization: velocity" in proc.stdout and "resolution: 768" in proc.stdout
