@@ -14,6 +14,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .atomic_files import atomic_destination
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -74,12 +76,8 @@ def finalize(output_dir: str | os.PathLike, state: TrainerState, total_limit: in
     Call on the main process after every process has finished ``save_state`` into ``temporary_dir``.
     """
     tmp = temporary_dir(output_dir, state.global_step)
-    state_tmp = tmp / (STATE_FILE + ".part")
-    with open(state_tmp, "w") as f:
+    with atomic_destination(tmp / STATE_FILE) as state_tmp, open(state_tmp, "w") as f:
         json.dump(asdict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(state_tmp, tmp / STATE_FILE)
     final = checkpoint_root(output_dir) / f"checkpoint-{state.global_step}"
     if final.exists():  # a re-run of the same step replaces its older copy
         shutil.rmtree(final)

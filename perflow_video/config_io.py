@@ -30,13 +30,14 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
+
+from .atomic_files import atomic_destination
 
 __all__ = [
     "ConfigError",
@@ -445,20 +446,8 @@ def save_yaml_config(instance: Any, path: str | os.PathLike) -> None:
     A crash mid-write leaves the old file (or none), never a truncated config. Parent dirs are created.
     """
     text = yaml.safe_dump(to_dict(instance), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_destination(path) as tmp_path, open(tmp_path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -28,6 +26,8 @@ from perflow_video.animatediff_keys import (
     is_original_motion_key,
     original_to_diffusers,
 )
+
+from .atomic_files import atomic_destination
 
 __all__ = [
     "FAMILIES",
@@ -236,17 +236,6 @@ class DeltaMetadata:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def _fsync_dir(directory: str) -> None:
-    # Persist the rename itself; not possible (nor needed) on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None
 ) -> None:
@@ -261,27 +250,9 @@ def write_safetensors_atomic(
         path: Destination file.
         metadata: safetensors string metadata, or None.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_destination(path) as tmp_path:
         save_file(data, tmp_path, metadata=dict(metadata) if metadata is not None else None)
-        # mkstemp creates the file 0600; give the result the permissions a plain open() would have
-        # (or keep those of the file being replaced). After save_file, which may recreate the file.
-        mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
-        os.chmod(tmp_path, mode)
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        # BaseException too: a KeyboardInterrupt mid-write must not leave a stray temp file behind.
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(directory)
 
 
 def _check_layout(delta: Mapping[str, torch.Tensor], layout: str) -> None:

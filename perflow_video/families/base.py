@@ -84,16 +84,20 @@ def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-def encode_clip_prompts(text_encoder, tokenizer, prompts: list[str], device) -> Tensor:
-    """SD 1.x / 2.x text conditioning: last hidden state of CLIP on 77 padded tokens, (B, 77, dim)."""
-    ids = tokenizer(
+def tokenize(tokenizer, prompts: list[str], device) -> Tensor:
+    """CLIP token ids padded / truncated to the tokenizer's 77 tokens, as the SD pipelines do. (B, 77)."""
+    return tokenizer(
         prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
-    return text_encoder(ids)[0]
+
+
+def encode_clip_prompts(text_encoder, tokenizer, prompts: list[str], device) -> Tensor:
+    """SD 1.x / 2.x text conditioning: last hidden state of CLIP, (B, 77, dim)."""
+    return text_encoder(tokenize(tokenizer, prompts, device))[0]
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..teacher_solver import Conditioning
-from .base import FamilyModels, FamilySpec, ModelFamily, encode_pixels_to_latents, make_student
+from .base import FamilyModels, FamilySpec, ModelFamily, encode_pixels_to_latents, make_student, tokenize
 from .loading import load_component, load_scheduler_config, resolve_model_path
 
 FLAG = "model.pretrained_model_name_or_path"
@@ -46,13 +46,7 @@ class SDXLFamily(ModelFamily):
     def encode_prompts(self, models, prompts, device) -> Conditioning:
         hidden, pooled = [], None
         for encoder, tokenizer in zip(models.text_encoders, models.tokenizers, strict=True):
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            ids = tokenize(tokenizer, prompts, device)
             out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both encoders
             pooled = out[0]  # the projected pooled output of the second encoder
