@@ -112,7 +112,8 @@ def train(cfg: TrainConfig) -> Path:
         checkpointing.clean_temporaries(out)
 
     family = get_family(cfg.model.family)
-    models = family.load(family_spec(cfg))
+    with accelerator.main_process_first():  # one process builds/downloads, the others then read it
+        models = family.load(family_spec(cfg))
     teacher_prediction = models.scheduler_config.get("prediction_type", "epsilon")
     if cfg.reflow.teacher_prediction_type != teacher_prediction:
         logger.info(

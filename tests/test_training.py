@@ -158,12 +158,19 @@ def test_two_process_data_parallel_matches_one_process_with_the_same_global_batc
     assert summary["num_processes"] == 2
     a, b = summary["param_checksums"]
     assert a == b  # the ranks hold identical weights
+    # Before any update both runs see the same samples with the same draws: the same loss.
+    first = [
+        json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        for r in ("ddp", "one")
+    ]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+    # After 4 AdamW steps the weights agree up to float summation order. Adam's first steps move every weight
+    # by about +-lr whatever its gradient, so a weight whose gradient is ~0 may differ in sign: compare norms.
     ddp_delta = load_file(str(tmp_path / "ddp" / "delta_weights.safetensors"))
     one_delta = load_file(str(tmp_path / "one" / "delta_weights.safetensors"))
-    scale = max(v.abs().max().item() for v in one_delta.values())
-    assert scale > 0
-    for key in one_delta:
-        torch.testing.assert_close(ddp_delta[key], one_delta[key], rtol=0, atol=1e-3 * scale)
+    diff = torch.cat([(ddp_delta[k] - one_delta[k]).flatten() for k in one_delta]).norm()
+    size = torch.cat([one_delta[k].flatten() for k in one_delta]).norm()
+    assert size > 0 and diff < 1e-2 * size, (diff, size)
 
 
 def run_cli(env, *args):
