@@ -179,6 +179,8 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.load_state(str(resume))
         state = checkpointing.read_state(resume)
         logger.info("resumed from %s at step %d", resume, state.global_step)
+    elif cfg.run.resume_from_checkpoint == "latest":
+        logger.info("no complete checkpoint in %s: starting from step 0", checkpointing.checkpoint_root(out))
     if report_to != "none":
         accelerator.init_trackers("perflow", config=_scalar_config(cfg))
 
@@ -187,7 +189,6 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
-    latent_shape = None
     empty_cond, empty_batch = None, 0
     nonfinite_in_a_row, nonfinite_total = 0, 0
     progress = tqdm(
