@@ -44,7 +44,6 @@ def write_samples(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = family.pipeline(models, student, scheduler)
-    device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     written = []
@@ -72,5 +71,4 @@ def write_samples(
                 written.append(path)
     finally:
         student.train(was_training)
-    del device
     return written

@@ -25,19 +25,11 @@ from perflow_video.delta_weights import (
     save_delta_weights,
     trainable_parameter_names,
 )
+from perflow_video.tiny_models import tiny_unet
 
 
 def _tiny_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-        sample_size=8,
-    )
+    return tiny_unet("sd15")
 
 
 def _tiny_adapter() -> MotionAdapter:
