@@ -318,6 +318,12 @@ def _frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:
             raise ValueError(
                 f"optim.frozen_dtype={cfg.optim.frozen_dtype!r}; choose auto or one of {list(DTYPES)}"
             )
+        if cfg.optim.frozen_dtype != "fp32" and accelerator.mixed_precision == "no":
+            # Half-precision text embeddings would meet the fp32 student without autocast.
+            raise ValueError(
+                f"optim.frozen_dtype={cfg.optim.frozen_dtype} needs optim.mixed_precision=fp16 or bf16 "
+                "(or optim.frozen_dtype=fp32)"
+            )
         return DTYPES[cfg.optim.frozen_dtype]
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 

@@ -1,5 +1,6 @@
 """Model families: loading from folders and single files, clear errors, trainable selection, conditioning."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,14 @@ def test_tiny_latents_of_the_toy_clips_have_unit_scale(tiny_animatediff):
     )
     z0 = family.encode_pixels(models, torch.stack([ds[i]["pixel_values"] for i in range(6)]))
     assert 0.5 < z0.std().item() < 2.0
+
+
+def test_animatediff_uses_the_motion_modules_linear_betas_whatever_the_base_model_says(tmp_path):
+    # A real SD1.5 folder says scaled_linear; AnimateDiff's motion modules were trained with linear betas.
+    folder = save_tiny_model("animatediff", tmp_path / "ad")
+    sched = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(sched.read_text())
+    sched.write_text(json.dumps({**cfg, "beta_schedule": "scaled_linear"}))
+    models = get_family("animatediff").load(spec(folder, motion_adapter=str(folder / "motion_adapter")))
+    assert models.scheduler_config["beta_schedule"] == "linear"
+    assert models.scheduler_config["beta_start"] == 0.00085 and models.scheduler_config["beta_end"] == 0.012

@@ -3,6 +3,7 @@ parameterization B, the motion modules' own *linear* betas (DESIGN.md §5)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -26,6 +27,7 @@ from .base import (
 from .loading import TINY_PREFIX, load_component, resolve_model_path
 from .stable_diffusion import load_sd_parts
 
+logger = logging.getLogger(__name__)
 FLAG = "model.motion_adapter"
 # The motion adapter users pair with SD1.5 for 16-frame clips; its config is read for single files.
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -71,6 +73,26 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     return adapter
 
 
+# AnimateDiff motion modules were trained with linear betas 0.00085 -> 0.012 (DESIGN.md §5), whatever the
+# SD1.5 folder's own scheduler config says (scaled_linear): the teacher solver and the exported
+# PeRFlowScheduler must use the schedule the motion modules denoise.
+MOTION_MODULE_BETAS = {
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "trained_betas": None,
+}
+
+
+def with_motion_module_betas(scheduler_config: dict) -> dict:
+    """The SD1.5 scheduler config with AnimateDiff's linear betas (logged when it changes anything)."""
+    changed = {k: v for k, v in MOTION_MODULE_BETAS.items() if scheduler_config.get(k) != v}
+    if changed:
+        logger.info("animatediff: using the motion modules' noise schedule %s (the base model says %s)",
+                    changed, {k: scheduler_config.get(k) for k in changed})  # fmt: skip
+    return {**scheduler_config, **MOTION_MODULE_BETAS}
+
+
 class AnimateDiffFamily(ModelFamily):
     """Text-to-video with AnimateDiff motion modules on an SD1.5 UNet."""
 
@@ -84,6 +106,7 @@ class AnimateDiffFamily(ModelFamily):
 
     def load(self, spec: FamilySpec) -> FamilyModels:
         unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
+        sched_cfg = with_motion_module_betas(sched_cfg)
         sd_path = resolve_model_path(spec.pretrained_model_name_or_path, self.name)
         adapter_source = spec.motion_adapter or DEFAULT_MOTION_ADAPTER
         adapter = load_motion_adapter(adapter_source, spec.single_file_config, sd_path)
