@@ -6,6 +6,7 @@ trains an image UNet, the SDXL UNet or an AnimateDiff motion UNet.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -307,6 +308,12 @@ def train(cfg: TrainConfig) -> Path:
             json.dump(
                 {**summary, "num_processes": accelerator.num_processes, "param_checksums": checksums}, f
             )
+    # Release the DDP-wrapped student on every rank while the process group is alive: end_training
+    # destroys the group, after which a DDP reducer's destructor can hang forever in gloo.
+    student = optimizer = loader = epoch_loader = lr_scheduler = None  # noqa: F841
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 

@@ -145,13 +145,13 @@ def test_two_process_data_parallel_matches_one_process_with_the_same_global_batc
     ]
     proc = subprocess.run(
         ddp + common + ["--output_dir", str(tmp_path / "ddp"), "optim.train_batch_size=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = [sys.executable, "scripts/train_image.py"] + common
     proc = subprocess.run(
         single + ["--output_dir", str(tmp_path / "one"), "optim.train_batch_size=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
