@@ -6,6 +6,7 @@ Flags override the YAML config; any config field can be set with ``section.key=v
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,5 +78,6 @@ def run(args: argparse.Namespace, default_config: Path, families: tuple[str, ...
     from .trainer import train  # heavy imports only when training
 
     out = train(cfg)
-    print(f"done: outputs in {out}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per data-parallel process
+        print(f"done: outputs in {out}")
     return 0

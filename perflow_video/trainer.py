@@ -79,7 +79,7 @@ def family_spec(cfg: TrainConfig) -> FamilySpec:
     m = cfg.model
     return FamilySpec(
         m.pretrained_model_name_or_path, m.motion_adapter, m.single_file_config, m.revision, m.variant,
-        m.resolution, m.num_frames, m.trainable,
+        m.resolution, m.num_frames,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from perflow_video.tiny_models import save_tiny_model, tiny_motion_adapter
 def spec(path, family="sd15", **kw):
     base = dict(
         pretrained_model_name_or_path=str(path), motion_adapter=None, single_file_config=None, revision=None,
-        variant=None, resolution=64, num_frames=4, trainable="all",
+        variant=None, resolution=64, num_frames=4,
     )  # fmt: skip
     base.update(kw)
     return FamilySpec(**base)

@@ -12,7 +12,7 @@ def test_motion_module_training_lowers_the_reflow_loss_on_a_fixed_batch(tmp_path
     torch.manual_seed(0)
     folder = save_tiny_model("animatediff", tmp_path / "ad")
     family = get_family("animatediff")
-    spec = FamilySpec(str(folder), str(folder / "motion_adapter"), None, None, None, 64, 4, "motion")
+    spec = FamilySpec(str(folder), str(folder / "motion_adapter"), None, None, None, 64, 4)
     models = family.load(spec)
     family.set_trainable(models.student, "motion")
     abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)

@@ -56,7 +56,6 @@ class FamilySpec:
     variant: str | None
     resolution: int
     num_frames: int
-    trainable: str
 
 
 def is_single_file(path: str | None) -> bool:
