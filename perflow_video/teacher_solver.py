@@ -40,6 +40,30 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = self.added_cond_kwargs
         return kwargs
 
+    def map(self, fn) -> Conditioning:
+        """Apply ``fn`` to every tensor (e.g. ``lambda x: x.to(device)``)."""
+        ehs = None if self.encoder_hidden_states is None else fn(self.encoder_hidden_states)
+        added = (
+            None if self.added_cond_kwargs is None else {k: fn(v) for k, v in self.added_cond_kwargs.items()}
+        )
+        return Conditioning(ehs, added)
+
+    def where(self, mask: Tensor, other: Conditioning) -> Conditioning:
+        """Row b from ``other`` where mask[b] (prompt dropout), else from self; mask: (B,) bool."""
+
+        def pick(mine: Tensor, theirs: Tensor) -> Tensor:
+            return torch.where(
+                mask.to(mine.device).reshape(-1, *[1] * (mine.ndim - 1)), theirs.to(mine.dtype), mine
+            )
+
+        ehs = None
+        if self.encoder_hidden_states is not None:
+            ehs = pick(self.encoder_hidden_states, other.encoder_hidden_states)
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: pick(v, other.added_cond_kwargs[k]) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(ehs, added)
+
     @staticmethod
     def cat(first: Conditioning, second: Conditioning) -> Conditioning:
         """Concatenate along the batch axis ([uncond, cond] for classifier-free guidance)."""

@@ -50,6 +50,9 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # stop when a larger fraction of the data is unreadable
     num_workers: int = 0  # DataLoader workers per process
     prompt_dropout: float = 0.1  # probability of training on the empty prompt (keeps CFG usable)
+    cache_latents: bool = (
+        False  # encode latents + text once into <output_dir>/latent_cache (epoch 0's crops reused)
+    )
 
 
 @dataclass

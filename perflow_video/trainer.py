@@ -24,6 +24,7 @@ from .attention import configure_attention
 from .config_io import save_yaml_config, to_dict
 from .families import FamilySpec, get_family
 from .final_outputs import write_final_outputs
+from .latent_cache import CachedLatentDataset, build_latent_cache, conditioning_from_batch, mark_complete
 from .noise_schedule import alphas_cumprod_from_scheduler_config
 from .reflow_objective import ReflowConfig, reflow_loss, sample_times
 from .samples import perflow_scheduler_for, write_samples
@@ -146,6 +147,10 @@ def train(cfg: TrainConfig) -> Path:
     )  # fmt: skip
 
     dataset = build_dataset(cfg, family.is_video)
+    with torch.no_grad():
+        empty_text = family.encode_text(models, [""], device)  # the dropped / unconditional prompt
+    if cfg.data.cache_latents:
+        dataset = _cached(dataset, family, models, cfg, accelerator, out)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.optim.train_batch_size, shuffle=True, num_workers=cfg.data.num_workers,
         drop_last=True, generator=torch.Generator().manual_seed(cfg.optim.seed),
@@ -190,7 +195,6 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
-    empty_cond, empty_batch = None, 0
     nonfinite_in_a_row, nonfinite_total = 0, 0
     progress = tqdm(
         total=o.max_train_steps,
@@ -202,28 +206,27 @@ def train(cfg: TrainConfig) -> Path:
         epoch, skip = divmod(state.batches_seen, batches_per_epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        dataset.dataset.set_epoch(epoch)
+        if hasattr(dataset, "dataset"):  # live data: new frame starts / crops each epoch
+            dataset.dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
             state.batches_seen += 1
             with accelerator.accumulate(student):
                 with torch.no_grad():
-                    z_0 = family.encode_pixels(models, batch["pixel_values"].to(device)).float()
-                latent_shape = tuple(z_0.shape[1:])
+                    if cfg.data.cache_latents:
+                        z_0 = batch["latents"].to(device).float()
+                        text = conditioning_from_batch(batch, device)
+                    else:
+                        z_0 = family.encode_pixels(models, batch["pixel_values"].to(device)).float()
+                        text = family.encode_text(models, list(batch["prompt"]), device)
                 drops, t, k, noise = per_sample_draws(
-                    batch["index"], latent_shape, cfg, epoch, alphas_cumprod.numel()
+                    batch["index"], tuple(z_0.shape[1:]), cfg, epoch, alphas_cumprod.numel()
                 )
-                prompts = ["" if d else p for d, p in zip(drops, batch["prompt"], strict=True)]
-                with torch.no_grad():
-                    cond = family.encode_prompts(models, prompts, device)
-                    uncond = None
-                    if reflow.guidance_scale != 1.0:  # CFG-fixed: the empty prompt, encoded once
-                        if empty_cond is None or len(prompts) != empty_batch:
-                            empty_cond, empty_batch = (
-                                family.encode_prompts(models, [""] * len(prompts), device),
-                                len(prompts),
-                            )
-                        uncond = empty_cond
+                bsz = len(drops)
+                empty = empty_text.map(lambda x, n=bsz: x.expand(n, *x.shape[1:]))
+                cond = family.expand_conditioning(text.where(torch.tensor(drops), empty))
+                # CFG-fixed: the teacher also sees the empty prompt
+                uncond = family.expand_conditioning(empty) if reflow.guidance_scale != 1.0 else None
                 with accelerator.autocast():
                     result = reflow_loss(
                         student, teacher, z_0, alphas_cumprod, reflow, cond, uncond,
@@ -316,6 +319,28 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def _cached(dataset, family, models, cfg: TrainConfig, accelerator: Accelerator, out: Path):
+    """Build (or reuse) the latent / text-embedding cache and return the dataset reading it."""
+    cache_dir = out / "latent_cache"
+    fingerprint = {
+        "version": 1,
+        "model": to_dict(cfg.model),
+        "data": {k: v for k, v in to_dict(cfg.data).items() if k not in ("num_workers", "prompt_dropout")},
+        "seed": cfg.optim.seed,
+        "items": len(dataset),
+    }
+    built = build_latent_cache(
+        dataset, family, models, cache_dir, fingerprint, accelerator.process_index, accelerator.num_processes,
+        accelerator.device,
+    )  # fmt: skip
+    accelerator.wait_for_everyone()
+    if built and accelerator.is_main_process:
+        mark_complete(cache_dir, fingerprint)
+    accelerator.wait_for_everyone()
+    logger.info("latent cache %s: %s", "built" if built else "reused", cache_dir)
+    return CachedLatentDataset(cache_dir, len(dataset))
 
 
 def _frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:

@@ -128,10 +128,14 @@ class AnimateDiffFamily(ModelFamily):
             param.requires_grad_(trainable == "all" or (trainable == "motion") == is_motion)
         return [n for n, p in student.named_parameters() if p.requires_grad]
 
-    def encode_prompts(self, models, prompts, device) -> Conditioning:
-        ehs = encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
+    def encode_text(self, models, prompts, device) -> Conditioning:
+        return Conditioning(
+            encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
+        )
+
+    def expand_conditioning(self, cond: Conditioning) -> Conditioning:
         # UNetMotionModel takes one embedding per frame, (B·F, seq, dim), as AnimateDiffPipeline builds it.
-        return Conditioning(ehs.repeat_interleave(self.num_frames, dim=0))
+        return cond.map(lambda x: x.repeat_interleave(self.num_frames, dim=0))
 
     def encode_pixels(self, models, pixel_values):
         """(B, F, 3, H, W) clip pixels -> (B, 4, F, H/8, W/8) latents."""

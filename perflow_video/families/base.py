@@ -130,8 +130,16 @@ class ModelFamily(ABC):
         return [n for n, p in student.named_parameters() if p.requires_grad]
 
     @abstractmethod
+    def encode_text(self, models: FamilyModels, prompts: list[str], device) -> Conditioning:
+        """Text conditioning, one row per prompt ("" is the unconditional prompt)."""
+
+    def expand_conditioning(self, cond: Conditioning) -> Conditioning:
+        """Per-prompt conditioning -> what the UNet takes (identity; the motion UNet repeats per frame)."""
+        return cond
+
     def encode_prompts(self, models: FamilyModels, prompts: list[str], device) -> Conditioning:
-        """Conditioning for a list of prompts ("" is the unconditional prompt)."""
+        """The UNet's conditioning for a list of prompts."""
+        return self.expand_conditioning(self.encode_text(models, prompts, device))
 
     @abstractmethod
     def encode_pixels(self, models: FamilyModels, pixel_values: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ class SDXLFamily(ModelFamily):
         r = self.resolution
         return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device).repeat(batch, 1)
 
-    def encode_prompts(self, models, prompts, device) -> Conditioning:
+    def encode_text(self, models, prompts, device) -> Conditioning:
         hidden, pooled = [], None
         for encoder, tokenizer in zip(models.text_encoders, models.tokenizers, strict=True):
             ids = tokenize(tokenizer, prompts, device)

@@ -60,7 +60,7 @@ class StableDiffusionFamily(ModelFamily):
             module.requires_grad_(False)
         return FamilyModels(unet, make_student(unet), vae, [text_encoder], [tokenizer], sched_cfg, source)
 
-    def encode_prompts(self, models, prompts, device) -> Conditioning:
+    def encode_text(self, models, prompts, device) -> Conditioning:
         return Conditioning(
             encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
         )
