@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from perflow_video.video_clips import (
     read_caption,
     read_csv_rows,
     resize_center_crop,
+    scan_captioned_folder,
 )
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -110,13 +110,7 @@ class ImageCaptionDataset(CaptionedDataset):
 
     @staticmethod
     def _scan_folder(c: ImageCaptionConfig) -> list[CaptionedFile]:
-        root = Path(c.folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not paths:
-            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        return [CaptionedFile(str(p), None, str(p.with_suffix(c.caption_ext))) for p in paths]
+        return scan_captioned_folder(c.folder, IMAGE_EXTENSIONS, c.caption_ext, "image")
 
     def _load(self, index: int) -> dict:
         entry = self.entries[index]

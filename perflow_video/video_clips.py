@@ -156,6 +156,20 @@ def read_csv_rows(csv_path: str, required: list[str], hint: str) -> list[dict[st
         return list(reader)
 
 
+def scan_captioned_folder(
+    folder: str, extensions: tuple[str, ...], caption_ext: str, kind: str
+) -> list[CaptionedFile]:
+    """Every file under ``folder`` (recursively, sorted) with one of ``extensions``, paired with its
+    sidecar caption ``<stem><caption_ext>``. ``kind`` ("video", "image") names them in errors."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{kind} folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not paths:
+        raise ValueError(f"no {kind} files ({', '.join(extensions)}) under {root}")
+    return [CaptionedFile(str(p), None, str(p.with_suffix(caption_ext))) for p in paths]
+
+
 def read_caption(entry: CaptionedFile, allow_empty: bool) -> str:
     """The entry's caption, whitespace collapsed; raises :class:`BadItemError` if missing or empty."""
     if entry.prompt is not None:
@@ -316,13 +330,7 @@ class VideoClipDataset(CaptionedDataset):
 
     @staticmethod
     def _scan_folder(c: VideoClipConfig) -> list[CaptionedFile]:
-        root = Path(c.folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"video folder not found: {root}")
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-        if not paths:
-            raise ValueError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
-        return [CaptionedFile(str(p), None, str(p.with_suffix(c.caption_ext))) for p in paths]
+        return scan_captioned_folder(c.folder, VIDEO_EXTENSIONS, c.caption_ext, "video")
 
     def rng(self, index: int) -> np.random.Generator:
         """The generator for item ``index``: a function of (seed, epoch, index) only, not of the worker."""
