@@ -62,6 +62,33 @@ class MixtureTeacher(nn.Module):
         return -(1.0 - a).sqrt() * score
 
 
+class TeacherAsStudent(nn.Module):
+    """A teacher evaluated at the student's timestep convention (tau = 1000 t -> index tau - 1): the
+    untrained PeRFlow student, for identity tests. Rounds float timesteps from the objective."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor | None = None
+    ) -> Tensor:
+        return self.teacher(
+            sample, (timestep.reshape(-1).round().long() - 1).clamp(min=0), encoder_hidden_states
+        )
+
+
+def sd_teacher_scheduler(scheduler_cls, **options):
+    """A diffusers scheduler on SD's schedule with "trailing" timesteps (the fair few-step baseline)."""
+    return scheduler_cls(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="trailing",
+        **options,
+    )
+
+
 class ToyStudent(nn.Module):
     """Small MLP eps/v-predictor with Fourier features of t = timestep / 1000; called like a UNet."""
 

@@ -24,11 +24,8 @@ from perflow_video.toy_problem import (
     reference_endpoints,
     sample_with_scheduler,
     sd_alphas_cumprod,
+    sd_teacher_scheduler,
     train_toy_student,
-)
-
-SD_BETAS = dict(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
 )
 
 
@@ -55,14 +52,14 @@ def main() -> None:
     ref = reference_endpoints(teacher, noise)
 
     rows: list[tuple[str, list[float]]] = []
-    ddim = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **SD_BETAS)
+    ddim = sd_teacher_scheduler(DDIMScheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     rows.append(
         (
             "teacher DDIM",
             [mean_distance(sample_with_scheduler(teacher, ddim, noise, n), ref) for n in args.steps],
         )
     )
-    dpm = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **SD_BETAS)
+    dpm = sd_teacher_scheduler(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2)
     rows.append(
         (
             "teacher DPM-Solver++ (2M)",

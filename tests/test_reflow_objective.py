@@ -6,18 +6,9 @@ import torch
 from perflow_video.noise_schedule import make_alphas_cumprod
 from perflow_video.reflow_objective import ReflowConfig, reflow_loss, sample_times
 from perflow_video.teacher_solver import Conditioning
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, ToyStudent
+from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
 
 ABAR = make_alphas_cumprod()
-
-
-class ShiftedTeacher(torch.nn.Module):
-    def __init__(self, teacher):
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        return self.teacher(sample, (timestep.reshape(-1).round().long() - 1).clamp(min=0))
 
 
 def window_start_times(batch, K):
@@ -33,7 +24,7 @@ def test_teacher_as_student_has_zero_loss_at_window_starts_with_b_and_one_solver
     )
     z0 = GaussianMixture.ring().sample(16)
     out = reflow_loss(
-        ShiftedTeacher(teacher), teacher, z0, ABAR, cfg, Conditioning(), times=window_start_times(16, 4)
+        TeacherAsStudent(teacher), teacher, z0, ABAR, cfg, Conditioning(), times=window_start_times(16, 4)
     )
     assert out.loss.item() < 1e-20
     # ...while parameterization A's target is not the teacher's eps, so the same student is wrong there.
@@ -41,7 +32,7 @@ def test_teacher_as_student_has_zero_loss_at_window_starts_with_b_and_one_solver
         num_time_windows=4, solver_steps=1, parameterization="diff_eps", loss_weighting=weighting
     )
     out_a = reflow_loss(
-        ShiftedTeacher(teacher), teacher, z0, ABAR, cfg_a, Conditioning(), times=window_start_times(16, 4)
+        TeacherAsStudent(teacher), teacher, z0, ABAR, cfg_a, Conditioning(), times=window_start_times(16, 4)
     )
     assert out_a.loss.item() > 1e-3
 

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from perflow_video.noise_schedule import make_alphas_cumprod
 from perflow_video.scheduler import PeRFlowScheduler
 from perflow_video.teacher_solver import Conditioning, solve_window
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher
+from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent
 
 
 def animatediff_ddim_config():
@@ -129,22 +129,11 @@ def test_add_noise_uses_abar_at_tau_minus_one():
     torch.testing.assert_close(out, a.sqrt() * x0 + (1 - a).sqrt() * eps)
 
 
-class ShiftedTeacher(torch.nn.Module):
-    """The teacher evaluated at the student's timestep convention (1000 t -> index 1000 t - 1)."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, sample, timestep, encoder_hidden_states=None):
-        return self.teacher(sample, (timestep.reshape(-1).long() - 1).clamp(min=0), encoder_hidden_states)
-
-
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_parameterization_b_untrained_student_reproduces_teacher_ddim_through_window_edges(K):
     abar = make_alphas_cumprod()
     teacher = MixtureTeacher(GaussianMixture.ring(), abar)
-    student = ShiftedTeacher(teacher)
+    student = TeacherAsStudent(teacher)
     s = PeRFlowScheduler(num_time_windows=K, prediction_type="ddim_eps")
     s.set_timesteps(K)
     z = z_teacher = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -12,15 +12,13 @@ from perflow_video.toy_problem import (
     reference_endpoints,
     sample_with_scheduler,
     sd_alphas_cumprod,
+    sd_teacher_scheduler,
     train_toy_student,
 )
 
 
 def teacher_ddim():
-    return DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
-    )  # fmt: skip
+    return sd_teacher_scheduler(DDIMScheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def test_mixture_teacher_is_exact_at_low_noise():
