@@ -21,6 +21,27 @@ from .loading import load_component, load_scheduler_config, resolve_model_path
 FLAG = "model.pretrained_model_name_or_path"
 
 
+def load_single_file_pipeline(path: str, config: str) -> StableDiffusionPipeline:
+    """diffusers' ``from_single_file`` of an original-layout SD checkpoint with the configs of ``config``.
+
+    A local config folder is read without the network (diffusers then never looks at the hub). When the
+    file and the configs do not fit together (another architecture, a folder that is no SD pipeline, a hub
+    id that is not cached offline), diffusers raises one of several errors; they become one that names the
+    file and the key to set.
+    """
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            path, config=config, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(
+            f"could not load the single checkpoint file {path} with the component configs of "
+            f"model.single_file_config={config!r} ({type(err).__name__}: {str(err)[:300]}). Set "
+            "model.single_file_config to a local diffusers folder (or a hub id available offline) of the same "
+            "architecture as the file, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 for an SD1.5 checkpoint"
+        ) from err
+
+
 def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
     """(unet, vae, text_encoder, tokenizer, scheduler_config, source) of an SD 1.x/2.x model.
 
@@ -35,9 +56,7 @@ def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
                 f"{path} is a single checkpoint file: set model.single_file_config to a diffusers folder or hub id "
                 "of the same architecture (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for its configs"
             )
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=spec.single_file_config, safety_checker=None, requires_safety_checker=False
-        )
+        pipe = load_single_file_pipeline(path, spec.single_file_config)
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), path
     unet = load_component(UNet2DConditionModel, path, "unet", spec.revision, spec.variant, FLAG)
     vae = load_component(AutoencoderKL, path, "vae", spec.revision, spec.variant, FLAG)
