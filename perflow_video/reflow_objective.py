@@ -87,8 +87,35 @@ def sample_times(
     return 1.0 - u, torch.floor(u * num_windows).long().clamp(max=num_windows - 1)
 
 
-def reflow_loss(
-    student: torch.nn.Module,
+@dataclass
+class ReflowTargets:
+    """The teacher's half of one evaluation of the objective: where the student is queried and what it
+    must predict there. Independent of the student, so a fixed set can be computed once (evaluation).
+
+    Attributes:
+        z_t: (B, ...) the point on the straight segment z_s -> z_e at time t.
+        timestep: (B,) float32, 1000 t, the student's timestep input.
+        target: (B, ...) the parameterization's regression target.
+        weight: (B,) the per-sample loss weight (1, or eta_t**2 for ``endpoint``).
+        t: (B,) float64 times; window: (B,) long window indices.
+    """
+
+    z_t: Tensor
+    timestep: Tensor
+    target: Tensor
+    weight: Tensor
+    t: Tensor
+    window: Tensor
+
+
+def window_start_times(batch_size: int, num_windows: int) -> tuple[Tensor, Tensor]:
+    """t = t_s of windows 0, 1, ..., K-1, 0, 1, ... (where a K-step sampler queries the student)."""
+    k = torch.arange(batch_size) % num_windows
+    return 1.0 - k.double() / num_windows, k
+
+
+@torch.no_grad()
+def reflow_targets(
     teacher: torch.nn.Module,
     z_0: Tensor,
     alphas_cumprod: Tensor,
@@ -98,22 +125,11 @@ def reflow_loss(
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     times: tuple[Tensor, Tensor] | None = None,
-) -> ReflowOutput:
-    """One evaluation of the PeRFlow objective (paper Algorithm 1).
+) -> ReflowTargets:
+    """Steps 2-6 of paper Algorithm 1: draw t and its window, z_s from data, z_e = phi(z_s) by the frozen
+    teacher, z_t on the segment, and the parameterization's target (DESIGN.md §3).
 
-    Args:
-        student: UNet-like module being trained (called with timestep 1000 t, float).
-        teacher: frozen UNet-like module (see ``teacher_solver``).
-        z_0: (B, C, H, W) or (B, C, F, H, W) clean latents (already times the VAE scaling factor).
-        alphas_cumprod: (N,) the teacher's abar.
-        config: the recipe.
-        cond: conditioning of the prompts (after prompt dropout); the student sees only this.
-        uncond: empty-prompt conditioning, needed when ``config.guidance_scale != 1`` (CFG-fixed).
-        noise: optional eps ~ N(0, I) like z_0 (drawn with ``generator`` if None).
-        generator: CPU generator for t (and noise); makes the draw reproducible.
-        times: optional (t, window) pair overriding the draw (tests, evaluation).
-    Returns:
-        ReflowOutput.
+    Args: as :func:`reflow_loss` (without the student).
     """
     param = get_parameterization(config.parameterization)
     n_train = alphas_cumprod.numel()
@@ -144,13 +160,53 @@ def reflow_loss(
         config.teacher_prediction_type,
     ).to(dtype)
     z_t = z_s + (z_e - z_s) * expand_like((t - t_s) / (t_e - t_s), z_s)
-
     target = param.target(z_s, z_e, t_s, t_e, abar_s, abar_e)
-    timestep = (t64 * n_train).to(device=device, dtype=torch.float32)
-    prediction = unet_output(student(z_t, timestep, **cond.unet_kwargs()))
-
-    sq_err = (prediction.float() - target.float()) ** 2
-    per_sample = sq_err.reshape(bsz, -1).mean(dim=1)
     if config.loss_weighting == "endpoint":
-        per_sample = per_sample * param.endpoint_sensitivity(t, t_s, t_e, abar_s, abar_e).float() ** 2
-    return ReflowOutput(loss=per_sample.mean(), loss_per_sample=per_sample, t=t64, window=k)
+        weight = param.endpoint_sensitivity(t, t_s, t_e, abar_s, abar_e).float() ** 2
+    else:
+        weight = torch.ones(bsz, device=device)
+    timestep = (t64 * n_train).to(device=device, dtype=torch.float32)
+    return ReflowTargets(z_t, timestep, target, weight, t64, k)
+
+
+def student_loss(student: torch.nn.Module, targets: ReflowTargets, cond: Conditioning) -> ReflowOutput:
+    """Steps 7-8 of paper Algorithm 1: the student's prediction at (z_t, 1000 t, c) against the target."""
+    prediction = unet_output(student(targets.z_t, targets.timestep, **cond.unet_kwargs()))
+    sq_err = (prediction.float() - targets.target.float()) ** 2
+    per_sample = sq_err.reshape(sq_err.shape[0], -1).mean(dim=1) * targets.weight.to(sq_err.device)
+    return ReflowOutput(
+        loss=per_sample.mean(), loss_per_sample=per_sample, t=targets.t, window=targets.window
+    )
+
+
+def reflow_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    z_0: Tensor,
+    alphas_cumprod: Tensor,
+    config: ReflowConfig,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    times: tuple[Tensor, Tensor] | None = None,
+) -> ReflowOutput:
+    """One evaluation of the PeRFlow objective (paper Algorithm 1): :func:`reflow_targets` then
+    :func:`student_loss`.
+
+    Args:
+        student: UNet-like module being trained (called with timestep 1000 t, float).
+        teacher: frozen UNet-like module (see ``teacher_solver``).
+        z_0: (B, C, H, W) or (B, C, F, H, W) clean latents (already times the VAE scaling factor).
+        alphas_cumprod: (N,) the teacher's abar.
+        config: the recipe.
+        cond: conditioning of the prompts (after prompt dropout); the student sees only this.
+        uncond: empty-prompt conditioning, needed when ``config.guidance_scale != 1`` (CFG-fixed).
+        noise: optional eps ~ N(0, I) like z_0 (drawn with ``generator`` if None).
+        generator: CPU generator for t (and noise); makes the draw reproducible.
+        times: optional (t, window) pair overriding the draw (tests, evaluation).
+    Returns:
+        ReflowOutput.
+    """
+    targets = reflow_targets(teacher, z_0, alphas_cumprod, config, cond, uncond, noise, generator, times)
+    return student_loss(student, targets, cond)

@@ -86,6 +86,10 @@ class RunConfig:
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     validation_steps: int = 500  # write 4-step samples every N steps (0 = only at the end)
+    eval_steps: int = (
+        100  # log eval_loss, the objective on fixed draws at window starts, every N steps (0 = never)
+    )
+    eval_samples: int = 16  # training items in that fixed set (teacher targets computed once)
     validation_prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
     num_inference_steps: int = 4  # sampling steps for the samples
     guidance_scale: float = 1.0  # CFG when sampling the student (CFG-sync students: ~4.5; CFG-fixed: 1-2.5)
@@ -93,6 +97,12 @@ class RunConfig:
     log_every: int = 10  # optimizer steps between TensorBoard scalars
     report_to: str = "tensorboard"  # tensorboard | none
     max_consecutive_nonfinite: int = 5  # stop after this many NaN/inf losses in a row
+
+    def __post_init__(self):
+        if self.eval_steps < 0 or self.eval_samples < 1:
+            raise ValueError(
+                f"eval_steps must be >= 0 and eval_samples >= 1, got {self.eval_steps} and {self.eval_samples}"
+            )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .families import FamilySpec, get_family
 from .final_outputs import write_final_outputs
 from .latent_cache import CachedLatentDataset, build_latent_cache, conditioning_from_batch, mark_complete
 from .noise_schedule import alphas_cumprod_from_scheduler_config
+from .reflow_evaluation import FixedReflowDraws, eval_generator, evaluate_student, fixed_draws
 from .reflow_objective import ReflowConfig, reflow_loss, sample_times
 from .samples import perflow_scheduler_for, write_samples
 from .train_config import TrainConfig
@@ -151,6 +152,37 @@ def train(cfg: TrainConfig) -> Path:
         empty_text = family.encode_text(models, [""], device)  # the dropped / unconditional prompt
     if cfg.data.cache_latents:
         dataset = _cached(dataset, family, models, cfg, accelerator, out)
+
+    @torch.no_grad()
+    def encode_batch(batch: dict):
+        """(clean latents z_0, per-prompt text conditioning) of a data batch."""
+        if cfg.data.cache_latents:
+            return batch["latents"].to(device).float(), conditioning_from_batch(batch, device)
+        z_0 = family.encode_pixels(models, batch["pixel_values"].to(device)).float()
+        return z_0, family.encode_text(models, list(batch["prompt"]), device)
+
+    def uncond_for(n: int):
+        """The teacher's unconditional input for CFG-fixed (None for CFG-sync)."""
+        if reflow.guidance_scale == 1.0:
+            return None
+        return family.expand_conditioning(empty_text.map(lambda x: x.expand(n, *x.shape[1:])))
+
+    eval_draws: list[FixedReflowDraws] = []
+    if cfg.run.eval_steps > 0:
+        # Every process holds the same set and evaluates it (a sharded student needs every rank).
+        gen = eval_generator(cfg.optim.seed)
+        n_eval = min(cfg.run.eval_samples, len(dataset))
+        for start in range(0, n_eval, cfg.optim.train_batch_size):
+            items = [dataset[i] for i in range(start, min(n_eval, start + cfg.optim.train_batch_size))]
+            z_0, text = encode_batch(torch.utils.data.default_collate(items))
+            with accelerator.autocast():
+                eval_draws.append(
+                    fixed_draws(
+                        teacher, z_0, family.expand_conditioning(text), uncond_for(len(items)),
+                        alphas_cumprod, reflow, start, gen,
+                    )
+                )  # fmt: skip
+        logger.info("eval_loss: %d fixed draws at window starts, every %d steps", n_eval, cfg.run.eval_steps)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.optim.train_batch_size, shuffle=True, num_workers=cfg.data.num_workers,
         drop_last=True, generator=torch.Generator().manual_seed(cfg.optim.seed),
@@ -195,6 +227,21 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
+    eval_history: list[dict] = []
+
+    def run_eval() -> None:
+        with accelerator.autocast():
+            result = evaluate_student(student, eval_draws, reflow.num_time_windows)
+        eval_history.append({"step": state.global_step, **result})
+        logger.info("step %d: eval_loss %.5g", state.global_step, result["eval_loss"])
+        if report_to != "none":
+            accelerator.log(result, step=state.global_step)
+        if accelerator.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, **result}) + "\n")
+
+    if eval_draws and state.global_step == 0:
+        run_eval()  # the teacher's own score: what the student starts from
     nonfinite_in_a_row, nonfinite_total = 0, 0
     progress = tqdm(
         total=o.max_train_steps,
@@ -212,21 +259,14 @@ def train(cfg: TrainConfig) -> Path:
         for batch in epoch_loader:
             state.batches_seen += 1
             with accelerator.accumulate(student):
-                with torch.no_grad():
-                    if cfg.data.cache_latents:
-                        z_0 = batch["latents"].to(device).float()
-                        text = conditioning_from_batch(batch, device)
-                    else:
-                        z_0 = family.encode_pixels(models, batch["pixel_values"].to(device)).float()
-                        text = family.encode_text(models, list(batch["prompt"]), device)
+                z_0, text = encode_batch(batch)
                 drops, t, k, noise = per_sample_draws(
                     batch["index"], tuple(z_0.shape[1:]), cfg, epoch, alphas_cumprod.numel()
                 )
                 bsz = len(drops)
                 empty = empty_text.map(lambda x, n=bsz: x.expand(n, *x.shape[1:]))
                 cond = family.expand_conditioning(text.where(torch.tensor(drops), empty))
-                # CFG-fixed: the teacher also sees the empty prompt
-                uncond = family.expand_conditioning(empty) if reflow.guidance_scale != 1.0 else None
+                uncond = uncond_for(bsz)  # CFG-fixed: the teacher also sees the empty prompt
                 with accelerator.autocast():
                     result = reflow_loss(
                         student, teacher, z_0, alphas_cumprod, reflow, cond, uncond,
@@ -278,6 +318,10 @@ def train(cfg: TrainConfig) -> Path:
                 if accelerator.is_main_process:  # a plain-text copy for scripts and tests
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            if eval_draws and (
+                state.global_step % cfg.run.eval_steps == 0 or state.global_step == o.max_train_steps
+            ):
+                run_eval()
             if cfg.run.checkpointing_steps and state.global_step % cfg.run.checkpointing_steps == 0:
                 _save_checkpoint(accelerator, out, state, cfg.run.checkpoints_total_limit)
             if cfg.run.validation_steps and state.global_step % cfg.run.validation_steps == 0:
@@ -307,7 +351,11 @@ def train(cfg: TrainConfig) -> Path:
         write_final_outputs(family, models, final_student, initial_weights, reflow, cfg, out)
         _validate(accelerator, family, models, final_student, reflow, cfg, out / "samples" / "final")
         with open(out / "train_summary.json", "w") as f:
-            summary = {"global_step": state.global_step, "skipped_nonfinite": nonfinite_total}
+            summary = {
+                "global_step": state.global_step,
+                "skipped_nonfinite": nonfinite_total,
+                "eval_loss": [(e["step"], e["eval_loss"]) for e in eval_history],
+            }
             json.dump(
                 {**summary, "num_processes": accelerator.num_processes, "param_checksums": checksums}, f
             )

@@ -4,16 +4,18 @@ import pytest
 import torch
 
 from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.reflow_objective import ReflowConfig, reflow_loss, sample_times
+from perflow_video.reflow_objective import (
+    ReflowConfig,
+    reflow_loss,
+    reflow_targets,
+    sample_times,
+    student_loss,
+    window_start_times,
+)
 from perflow_video.teacher_solver import Conditioning
 from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
 
 ABAR = make_alphas_cumprod()
-
-
-def window_start_times(batch, K):
-    k = torch.arange(batch) % K
-    return 1.0 - k.double() / K, k
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "endpoint"])
@@ -89,3 +91,15 @@ def test_config_errors_name_the_field():
         ReflowConfig(parameterization="eps")
     with pytest.raises(ValueError, match="guidance_scale"):
         ReflowConfig(guidance_scale=0.5)
+
+
+def test_loss_is_the_teacher_targets_then_the_student_loss():
+    teacher, student = MixtureTeacher(GaussianMixture.ring(), ABAR), ToyStudent().double()
+    z0, noise = GaussianMixture.ring().sample(32), torch.randn(32, 2, dtype=torch.float64)
+    times = sample_times(32, 4, 1000, False, torch.Generator().manual_seed(3))
+    cfg = ReflowConfig(solver_steps=3)
+    whole = reflow_loss(student, teacher, z0, ABAR, cfg, Conditioning(), noise=noise, times=times)
+    targets = reflow_targets(teacher, z0, ABAR, cfg, Conditioning(), noise=noise, times=times)
+    parts = student_loss(student, targets, Conditioning())
+    torch.testing.assert_close(parts.loss_per_sample, whole.loss_per_sample, rtol=0, atol=0)
+    assert not targets.target.requires_grad and parts.loss.requires_grad  # the teacher side has no graph

@@ -1,0 +1,71 @@
+"""eval_loss: the reflow objective on fixed draws at window starts (perflow_video/reflow_evaluation.py)."""
+
+import pytest
+import torch
+
+from perflow_video.noise_schedule import make_alphas_cumprod
+from perflow_video.reflow_evaluation import eval_generator, evaluate_student, fixed_draws
+from perflow_video.reflow_objective import ReflowConfig
+from perflow_video.teacher_solver import Conditioning
+from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
+
+ABAR = make_alphas_cumprod()
+MIXTURE = GaussianMixture.ring()
+
+
+def draws_for(teacher, cfg, n=10, batch=4, seed=0):
+    z0 = MIXTURE.sample(n, torch.Generator().manual_seed(5))
+    gen = eval_generator(seed)
+    return [
+        fixed_draws(teacher, z0[i : i + batch], Conditioning(), None, ABAR, cfg, i, gen)
+        for i in range(0, n, batch)
+    ]
+
+
+def test_draws_sit_at_window_starts_and_cycle_over_windows_across_batches():
+    teacher = MixtureTeacher(MIXTURE, ABAR)
+    draws = draws_for(teacher, ReflowConfig(num_time_windows=4, solver_steps=2))
+    window = torch.cat([d.targets.window for d in draws])
+    t = torch.cat([d.targets.t for d in draws])
+    assert window.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    torch.testing.assert_close(t, 1.0 - window.double() / 4)
+    timestep = torch.cat([d.targets.timestep for d in draws])
+    assert timestep.tolist() == [1000.0, 750.0, 500.0, 250.0] * 2 + [1000.0, 750.0]
+
+
+def test_the_same_seed_gives_the_same_set_and_another_seed_another():
+    teacher, cfg = MixtureTeacher(MIXTURE, ABAR), ReflowConfig(solver_steps=2)
+    a, b, c = (torch.cat([d.targets.target for d in draws_for(teacher, cfg, seed=s)]) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "endpoint"])
+def test_untrained_student_scores_zero_with_one_solver_step_and_more_with_eight(weighting):
+    # Parameterization B at t = t_s with M = 1: the target is the teacher's own eps (DESIGN.md eq. 8), so the
+    # student that starts as the teacher is exact; with M = 8 it is not (the curvature training removes).
+    teacher = MixtureTeacher(MIXTURE, ABAR)
+    student = TeacherAsStudent(teacher)
+    one = ReflowConfig(solver_steps=1, parameterization="ddim_eps", loss_weighting=weighting)
+    eight = ReflowConfig(solver_steps=8, parameterization="ddim_eps", loss_weighting=weighting)
+    exact = evaluate_student(student, draws_for(teacher, one), 4)
+    curved = evaluate_student(student, draws_for(teacher, eight), 4)
+    assert exact["eval_loss"] < 1e-20
+    assert curved["eval_loss"] > 1e-4
+    assert set(curved) == {"eval_loss", *(f"eval_loss_window_{w}" for w in range(4))}
+    # the overall number is the sample mean: 3, 3, 2, 2 samples in windows 0..3
+    per_window = [curved[f"eval_loss_window_{w}"] for w in range(4)]
+    expected = (3 * per_window[0] + 3 * per_window[1] + 2 * per_window[2] + 2 * per_window[3]) / 10
+    assert curved["eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluation_restores_the_students_mode_and_changes_no_weight():
+    teacher, student = MixtureTeacher(MIXTURE, ABAR), ToyStudent().double()
+    draws = draws_for(teacher, ReflowConfig(solver_steps=2))
+    before = [p.detach().clone() for p in student.parameters()]
+    student.train()
+    evaluate_student(student, draws, 4)
+    assert student.training
+    student.eval()
+    evaluate_student(student, draws, 4)
+    assert not student.training
+    assert all(torch.equal(p, q) for p, q in zip(before, student.parameters(), strict=True))
