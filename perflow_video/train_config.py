@@ -21,7 +21,10 @@ class ModelConfig:
         None  # animatediff: hub id, folder, original AnimateDiff .ckpt/.safetensors, or "tiny"
     )
     single_file_config: str | None = (
-        None  # diffusers folder / hub id giving configs for single-file checkpoints
+        None  # diffusers SD folder / hub id giving the component configs of a single-file SD1.5 checkpoint
+    )
+    motion_adapter_config: str | None = (
+        None  # MotionAdapter folder / hub id whose config fits an original motion-module file (default v1-5-2)
     )
     revision: str | None = None  # hub revision of the base model
     variant: str | None = None  # weight variant on the hub, e.g. "fp16"

@@ -81,7 +81,7 @@ def family_spec(cfg: TrainConfig) -> FamilySpec:
     m = cfg.model
     return FamilySpec(
         m.pretrained_model_name_or_path, m.motion_adapter, m.single_file_config, m.revision, m.variant,
-        m.resolution, m.num_frames,
+        m.resolution, m.num_frames, m.motion_adapter_config,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import MotionAdapter
 
 from perflow_video.animatediff_keys import export_motion_module_original
 from perflow_video.families import FamilySpec, get_family
@@ -106,3 +107,30 @@ def test_animatediff_uses_the_motion_modules_linear_betas_whatever_the_base_mode
     models = get_family("animatediff").load(spec(folder, motion_adapter=str(folder / "motion_adapter")))
     assert models.scheduler_config["beta_schedule"] == "linear"
     assert models.scheduler_config["beta_start"] == 0.00085 and models.scheduler_config["beta_end"] == 0.012
+
+
+def test_animatediff_from_two_single_files_takes_each_config_from_its_own_key(tmp_path, tiny_animatediff):
+    # A community SD1.5 file + an original motion-module file: the SD configs come from
+    # model.single_file_config, the adapter's from model.motion_adapter_config.
+    from perflow_video.sd_original_layout import save_original_sd_checkpoint
+
+    base = tmp_path / "community-sd15.safetensors"
+    save_original_sd_checkpoint(tiny_animatediff, base)
+    folder_models = get_family("animatediff").load(
+        spec(tiny_animatediff, motion_adapter=str(tiny_animatediff / "motion_adapter"))
+    )
+    mm = tmp_path / "mm_sd_v15.safetensors"
+    export_motion_module_original(MotionAdapter.from_pretrained(tiny_animatediff / "motion_adapter"), mm)
+    files_spec = spec(
+        base, motion_adapter=str(mm), single_file_config=str(tiny_animatediff),
+        motion_adapter_config=str(tiny_animatediff / "motion_adapter"),
+    )  # fmt: skip
+    models = get_family("animatediff").load(files_spec)
+    expected = folder_models.teacher.state_dict()
+    for key, value in models.teacher.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    # the tiny adapter only exists next to the tiny model, not beside a single file
+    with pytest.raises(ValueError, match="model.motion_adapter"):
+        get_family("animatediff").load(
+            spec(base, motion_adapter="tiny", single_file_config=str(tiny_animatediff))
+        )

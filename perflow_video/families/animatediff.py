@@ -45,6 +45,11 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     """A ``MotionAdapter`` from a diffusers folder / hub id, or from an original AnimateDiff motion-module
     file (``mm_sd_v15_v2.ckpt``-style, converted key by key; its config from ``config_source``)."""
     if source == TINY_PREFIX:
+        if not os.path.isdir(sd_path):
+            raise ValueError(
+                f"model.motion_adapter=tiny is the tiny model's own adapter, but the base model is {sd_path}: "
+                f"set model.motion_adapter to a MotionAdapter folder / hub id or an original motion-module file"
+            )
         source = os.path.join(sd_path, "motion_adapter")
     if not is_single_file(source):
         return load_component(MotionAdapter, source, None, None, None, FLAG)
@@ -55,7 +60,7 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
         )
     except (OSError, ValueError) as err:
         raise missing_weights_error(
-            "MotionAdapter config", config_source, "model.single_file_config"
+            "MotionAdapter config", config_source, "model.motion_adapter_config"
         ) from err
     adapter = MotionAdapter.from_config(config)
     state = original_to_diffusers(
@@ -109,7 +114,7 @@ class AnimateDiffFamily(ModelFamily):
         sched_cfg = with_motion_module_betas(sched_cfg)
         sd_path = resolve_model_path(spec.pretrained_model_name_or_path, self.name)
         adapter_source = spec.motion_adapter or DEFAULT_MOTION_ADAPTER
-        adapter = load_motion_adapter(adapter_source, spec.single_file_config, sd_path)
+        adapter = load_motion_adapter(adapter_source, spec.motion_adapter_config, sd_path)
         teacher = UNetMotionModel.from_unet2d(unet, adapter)
         for module in (teacher, vae, text_encoder):
             module.requires_grad_(False)

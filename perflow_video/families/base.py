@@ -56,6 +56,7 @@ class FamilySpec:
     variant: str | None
     resolution: int
     num_frames: int
+    motion_adapter_config: str | None = None  # config of an original motion-module file (animatediff)
 
 
 def is_single_file(path: str | None) -> bool:
