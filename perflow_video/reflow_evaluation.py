@@ -12,13 +12,15 @@ and weighting) on one fixed set of draws: the first ``run.eval_samples`` trainin
 generator of its own, windows 0..K-1 in turn and t = t_s. The teacher's half (``reflow_targets``) is
 computed once; each evaluation is then one no-grad student forward per sample. The set comes from the
 training data (there is no held-out split): it measures fitting the teacher's windows, not
-generalisation to new prompts.
+generalisation to new prompts. Item i is always scored in window i mod K, so the per-window numbers are
+measured on different items. With ``optim.use_ema`` it scores the live weights, not the exported average.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,8 +33,9 @@ from .reflow_objective import (
 )
 from .teacher_solver import Conditioning
 
-#: Offset of the evaluation draws' seed from ``optim.seed`` (kept apart from the training draws).
-EVAL_SEED_OFFSET = 1_000_003
+#: Tag of the evaluation noise stream: item seeds are SeedSequence([seed, EVAL_STREAM, index]), a stream of
+#: its own (training draws are keyed by (seed, epoch, index) in another way, trainer.sample_generator).
+EVAL_STREAM = 0x65F41
 
 
 @dataclass
@@ -43,9 +46,10 @@ class FixedReflowDraws:
     cond: Conditioning
 
 
-def eval_generator(seed: int) -> torch.Generator:
-    """The generator of the evaluation noise (independent of every training draw)."""
-    return torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET)
+def eval_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
+    """The evaluation noise of dataset item ``index``: the same whatever the batch size or process count."""
+    state = np.random.SeedSequence([seed, EVAL_STREAM, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state) % (2**63 - 1)))
 
 
 def fixed_draws(
@@ -55,8 +59,8 @@ def fixed_draws(
     uncond: Conditioning | None,
     alphas_cumprod: Tensor,
     config: ReflowConfig,
-    first_index: int,
-    generator: torch.Generator,
+    indices: Tensor,
+    seed: int,
 ) -> FixedReflowDraws:
     """Targets for one batch of evaluation items at window starts.
 
@@ -66,14 +70,15 @@ def fixed_draws(
         cond / uncond: the items' conditioning (no prompt dropout) and, for CFG-fixed, the empty prompt's.
         alphas_cumprod: the teacher's abar.
         config: the run's recipe.
-        first_index: position of the batch's first item in the evaluation set (windows cycle over it).
-        generator: :func:`eval_generator`; consumed in order, so the set is the same on every run.
+        indices: (B,) the items' dataset indices: item i is scored in window i mod K with noise
+            :func:`eval_noise` (seed, i), so the set does not depend on how it is batched.
+        seed: the run's seed.
     """
-    bsz = z_0.shape[0]
-    t, k = window_start_times(first_index + bsz, config.num_time_windows)
-    noise = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype).to(z_0.device)
-    times = (t[first_index:], k[first_index:])
-    targets = reflow_targets(teacher, z_0, alphas_cumprod, config, cond, uncond, noise, times=times)
+    indices = torch.as_tensor(indices).reshape(-1).long()
+    t, k = window_start_times(indices, config.num_time_windows)
+    noise = torch.stack([eval_noise(seed, int(i), tuple(z_0.shape[1:])) for i in indices])
+    noise = noise.to(device=z_0.device, dtype=z_0.dtype)
+    targets = reflow_targets(teacher, z_0, alphas_cumprod, config, cond, uncond, noise, times=(t, k))
     return FixedReflowDraws(targets, cond)
 
 

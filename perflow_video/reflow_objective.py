@@ -108,9 +108,9 @@ class ReflowTargets:
     window: Tensor
 
 
-def window_start_times(batch_size: int, num_windows: int) -> tuple[Tensor, Tensor]:
-    """t = t_s of windows 0, 1, ..., K-1, 0, 1, ... (where a K-step sampler queries the student)."""
-    k = torch.arange(batch_size) % num_windows
+def window_start_times(indices: Tensor, num_windows: int) -> tuple[Tensor, Tensor]:
+    """Item i at t = t_s of window i mod K (where a K-step sampler queries the student); (t, window)."""
+    k = torch.as_tensor(indices).reshape(-1).long() % num_windows
     return 1.0 - k.double() / num_windows, k
 
 

@@ -28,7 +28,8 @@ Two layouts name the same SD 1.x weights:
 diffusers reads the original layout back with ``loaders/single_file_utils.py`` (``convert_ldm_unet_checkpoint``,
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``); this module is the inverse, written from the
 two layouts above. Every diffusers key must be mapped (else :class:`ValueError` names it), so a model this does
-not describe (SDXL's ``add_embedding``, an SD2 OpenCLIP text encoder) fails loudly instead of being truncated.
+not describe (SDXL's ``add_embedding``) fails loudly instead of being truncated; SD 2.x (linear projections,
+an OpenCLIP text encoder stored as ``cond_stage_model.model.*``) is refused by its UNet config.
 """
 
 from __future__ import annotations
@@ -329,6 +330,14 @@ def diffusers_to_original_sd(
     Returns:
         ``model.diffusion_model.*``, ``first_stage_model.*`` and ``cond_stage_model.transformer.*`` keys.
     """
+    if unet_config.get("use_linear_projection") or unet_config.get("addition_embed_type"):
+        # SD 2.x (linear projections, OpenCLIP text encoder under cond_stage_model.model.*) and SDXL have
+        # original layouts of their own that this module does not write.
+        raise ValueError(
+            "only SD 1.x has this original layout; the UNet config says use_linear_projection="
+            f"{unet_config.get('use_linear_projection')}, addition_embed_type={unet_config.get('addition_embed_type')}"
+            " (SD 2.x / SDXL)"
+        )
     return {
         **unet_to_original(unet_state, unet_config),
         **vae_to_original(vae_state, vae_config),

@@ -25,8 +25,9 @@ from .config_io import save_yaml_config, to_dict
 from .families import FamilySpec, get_family
 from .final_outputs import write_final_outputs
 from .latent_cache import CachedLatentDataset, build_latent_cache, conditioning_from_batch, mark_complete
+from .metrics_log import METRICS_FILE, append_metrics, metric_history, truncate_metrics
 from .noise_schedule import alphas_cumprod_from_scheduler_config
-from .reflow_evaluation import FixedReflowDraws, eval_generator, evaluate_student, fixed_draws
+from .reflow_evaluation import FixedReflowDraws, evaluate_student, fixed_draws
 from .reflow_objective import ReflowConfig, reflow_loss, sample_times
 from .samples import perflow_scheduler_for, write_samples
 from .train_config import TrainConfig
@@ -170,18 +171,22 @@ def train(cfg: TrainConfig) -> Path:
     eval_draws: list[FixedReflowDraws] = []
     if cfg.run.eval_steps > 0:
         # Every process holds the same set and evaluates it (a sharded student needs every rank).
-        gen = eval_generator(cfg.optim.seed)
+        # Decoded by DataLoader workers as in training (decoders must not run in the parent before a fork).
         n_eval = min(cfg.run.eval_samples, len(dataset))
-        for start in range(0, n_eval, cfg.optim.train_batch_size):
-            items = [dataset[i] for i in range(start, min(n_eval, start + cfg.optim.train_batch_size))]
-            z_0, text = encode_batch(torch.utils.data.default_collate(items))
+        eval_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(n_eval)), batch_size=cfg.optim.train_batch_size,
+            shuffle=False, num_workers=min(cfg.data.num_workers, n_eval),
+        )  # fmt: skip
+        for batch in eval_loader:
+            z_0, text = encode_batch(batch)
             with accelerator.autocast():
                 eval_draws.append(
                     fixed_draws(
-                        teacher, z_0, family.expand_conditioning(text), uncond_for(len(items)),
-                        alphas_cumprod, reflow, start, gen,
+                        teacher, z_0, family.expand_conditioning(text), uncond_for(len(z_0)),
+                        alphas_cumprod, reflow, batch["index"], cfg.optim.seed,
                     )
                 )  # fmt: skip
+        del eval_loader
         logger.info("eval_loss: %d fixed draws at window starts, every %d steps", n_eval, cfg.run.eval_steps)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.optim.train_batch_size, shuffle=True, num_workers=cfg.data.num_workers,
@@ -219,6 +224,9 @@ def train(cfg: TrainConfig) -> Path:
         logger.info("resumed from %s at step %d", resume, state.global_step)
     elif cfg.run.resume_from_checkpoint == "latest":
         logger.info("no complete checkpoint in %s: starting from step 0", checkpointing.checkpoint_root(out))
+    metrics_path = out / METRICS_FILE
+    if accelerator.is_main_process:  # the log describes this run: steps after the checkpoint run again
+        truncate_metrics(metrics_path, state.global_step if resume is not None else None)
     if report_to != "none":
         accelerator.init_trackers("perflow", config=_scalar_config(cfg))
 
@@ -227,18 +235,15 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
-    eval_history: list[dict] = []
 
     def run_eval() -> None:
         with accelerator.autocast():
             result = evaluate_student(student, eval_draws, reflow.num_time_windows)
-        eval_history.append({"step": state.global_step, **result})
         logger.info("step %d: eval_loss %.5g", state.global_step, result["eval_loss"])
         if report_to != "none":
             accelerator.log(result, step=state.global_step)
         if accelerator.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.global_step, **result}) + "\n")
+            append_metrics(metrics_path, state.global_step, result)
 
     if eval_draws and state.global_step == 0:
         run_eval()  # the teacher's own score: what the student starts from
@@ -316,8 +321,7 @@ def train(cfg: TrainConfig) -> Path:
                 if report_to != "none":
                     accelerator.log(logs, step=state.global_step)
                 if accelerator.is_main_process:  # a plain-text copy for scripts and tests
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                    append_metrics(metrics_path, state.global_step, logs)
             if eval_draws and (
                 state.global_step % cfg.run.eval_steps == 0 or state.global_step == o.max_train_steps
             ):
@@ -354,7 +358,7 @@ def train(cfg: TrainConfig) -> Path:
             summary = {
                 "global_step": state.global_step,
                 "skipped_nonfinite": nonfinite_total,
-                "eval_loss": [(e["step"], e["eval_loss"]) for e in eval_history],
+                "eval_loss": metric_history(metrics_path, "eval_loss"),  # this run's, resumes included
             }
             json.dump(
                 {**summary, "num_processes": accelerator.num_processes, "param_checksums": checksums}, f

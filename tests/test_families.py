@@ -126,8 +126,9 @@ def test_animatediff_from_two_single_files_takes_each_config_from_its_own_key(tm
         motion_adapter_config=str(tiny_animatediff / "motion_adapter"),
     )  # fmt: skip
     models = get_family("animatediff").load(files_spec)
-    expected = folder_models.teacher.state_dict()
-    for key, value in models.teacher.state_dict().items():
+    expected, got = folder_models.teacher.state_dict(), models.teacher.state_dict()
+    assert set(got) == set(expected)
+    for key, value in got.items():
         assert torch.equal(value, expected[key]), key
     # the tiny adapter only exists next to the tiny model, not beside a single file
     with pytest.raises(ValueError, match="model.motion_adapter"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.reflow_evaluation import eval_generator, evaluate_student, fixed_draws
+from perflow_video.reflow_evaluation import evaluate_student, fixed_draws
 from perflow_video.reflow_objective import ReflowConfig
 from perflow_video.teacher_solver import Conditioning
 from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
@@ -15,9 +15,9 @@ MIXTURE = GaussianMixture.ring()
 
 def draws_for(teacher, cfg, n=10, batch=4, seed=0):
     z0 = MIXTURE.sample(n, torch.Generator().manual_seed(5))
-    gen = eval_generator(seed)
+    index = torch.arange(n)
     return [
-        fixed_draws(teacher, z0[i : i + batch], Conditioning(), None, ABAR, cfg, i, gen)
+        fixed_draws(teacher, z0[i : i + batch], Conditioning(), None, ABAR, cfg, index[i : i + batch], seed)
         for i in range(0, n, batch)
     ]
 
@@ -33,10 +33,16 @@ def test_draws_sit_at_window_starts_and_cycle_over_windows_across_batches():
     assert timestep.tolist() == [1000.0, 750.0, 500.0, 250.0] * 2 + [1000.0, 750.0]
 
 
-def test_the_same_seed_gives_the_same_set_and_another_seed_another():
+def test_the_set_depends_on_the_seed_but_not_on_how_it_is_batched():
     teacher, cfg = MixtureTeacher(MIXTURE, ABAR), ReflowConfig(solver_steps=2)
-    a, b, c = (torch.cat([d.targets.target for d in draws_for(teacher, cfg, seed=s)]) for s in (0, 0, 1))
-    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+    def targets(seed, batch):
+        return torch.cat([d.targets.target for d in draws_for(teacher, cfg, batch=batch, seed=seed)])
+
+    a, b, c = targets(0, 4), targets(0, 3), targets(1, 4)
+    assert torch.equal(a, b)  # batches of 4 or 3 (or processes): the same draws per item
+    assert not torch.allclose(a, c)
+    assert not any(d.targets.target.requires_grad for d in draws_for(teacher, cfg))
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "endpoint"])

@@ -48,7 +48,9 @@ def train(env, family, out, *args, check=True):
 def metric(out: Path, key: str) -> list[tuple[int, float]]:
     """(step, value) of every metrics.jsonl line that has ``key`` (train lines: loss; eval lines: eval_loss)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(m["step"], m[key]) for m in lines if key in m]
+    steps = [(m["step"], m[key]) for m in lines if key in m]
+    assert len({s for s, _ in steps}) == len(steps), f"a step logged twice: {steps}"
+    return steps
 
 
 def student_state(out: Path, family: str) -> dict:
@@ -142,9 +144,16 @@ def test_resume_after_hard_kill_continues_at_the_same_step_with_the_same_result(
     assert names and all((out / "checkpoints" / n / "trainer_state.json").is_file() for n in names)
     latest = max(int(n.split("-")[1]) for n in names)
 
-    train(env, "sd15", out, *args, "--resume_from_checkpoint", "latest")
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 12 and latest + 1 in steps  # the step count continues after the checkpoint
+    proc = train(env, "sd15", out, *args, "--resume_from_checkpoint", "latest")
+    assert f"at step {latest}" in proc.stderr
+    # The step count continues after the checkpoint; the log is that of one run (no step twice) and its
+    # losses are those of the uninterrupted run, step by step.
+    losses, full_losses = metric(out, "loss"), metric(full, "loss")
+    assert [s for s, _ in losses] == list(range(1, 13))
+    for (_, a), (_, b) in zip(losses, full_losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-8)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [s for s, _ in summary["eval_loss"]] == [0, 12]  # step 0 survives the kill
     assert not list((out / "checkpoints").glob(".tmp-*"))
     resumed, uninterrupted = student_state(out, "sd15"), student_state(full, "sd15")
     for key in uninterrupted:  # same data order, same per-sample draws, same optimizer state
@@ -261,5 +270,8 @@ def test_latent_cache_gives_the_same_first_step_and_is_reused(env, tmp_path):
     # Epoch 0 sees the same frames either way, so the first loss is the same with and without the cache.
     first = [metric(d, "loss")[0][1] for d in (tmp_path / "live", cached)]
     assert first[1] == pytest.approx(first[0], rel=1e-4)
+    # ...and the same fixed evaluation set (built from the cache's items in the second run).
+    evals = [metric(d, "eval_loss")[0] for d in (tmp_path / "live", cached)]
+    assert evals[0][0] == evals[1][0] == 0 and evals[1][1] == pytest.approx(evals[0][1], rel=1e-4)
     proc = train(env, "animatediff", cached, *args, "data.cache_latents=true", "--max_train_steps", "3")
     assert "latent cache reused" in proc.stderr

@@ -66,14 +66,23 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     state = original_to_diffusers(
         {k: v for k, v in read_checkpoint(source).items() if "motion_modules" in k and "pos_encoder" not in k}
     )
-    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    hint = (
+        "set model.motion_adapter_config to a MotionAdapter folder / hub id of the file's version "
+        "(e.g. guoyww/animatediff-motion-adapter-v1-5-2 for mm_sd_v15_v2)"
+    )
+    try:
+        missing, unexpected = adapter.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ
+        raise ValueError(
+            f"{source}: motion module does not fit the adapter config from {config_source} ({err}); {hint}"
+        ) from err
     missing = [
         k for k in missing if not k.endswith("pos_embed.pe")
     ]  # sinusoidal buffer, rebuilt by diffusers
     if missing or unexpected:
         raise ValueError(
             f"{source}: motion module does not match the adapter config from {config_source}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}; {hint}"
         )
     return adapter
 

@@ -33,6 +33,8 @@ def load_single_file_pipeline(path: str, config: str) -> StableDiffusionPipeline
         return StableDiffusionPipeline.from_single_file(
             path, config=config, safety_checker=None, requires_safety_checker=False
         )
+    except torch.OutOfMemoryError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ValueError(
             f"could not load the single checkpoint file {path} with the component configs of "
