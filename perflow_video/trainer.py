@@ -236,9 +236,12 @@ def train(cfg: TrainConfig) -> Path:
             f"{cfg.data.train_data}: {len(dataset)} items is fewer than one batch of {o.train_batch_size} per process"
         )
 
+    last_eval: dict[str, str] = {}  # shown in the progress bar
+
     def run_eval() -> None:
         with accelerator.autocast():
             result = evaluate_student(student, eval_draws, reflow.num_time_windows)
+        last_eval["eval"] = f"{result['eval_loss']:.4g}"
         logger.info("step %d: eval_loss %.5g", state.global_step, result["eval_loss"])
         if report_to != "none":
             accelerator.log(result, step=state.global_step)
@@ -305,7 +308,7 @@ def train(cfg: TrainConfig) -> Path:
                 ema.step(params)
             loss = accelerator.gather(result.loss.detach().reshape(1)).mean().item()
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", **last_eval)
             if state.global_step % cfg.run.log_every == 0:
                 logs = {
                     "loss": loss,

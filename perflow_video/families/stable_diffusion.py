@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -18,6 +20,7 @@ from .base import (
 )
 from .loading import load_component, load_scheduler_config, resolve_model_path
 
+logger = logging.getLogger(__name__)
 FLAG = "model.pretrained_model_name_or_path"
 
 
@@ -60,6 +63,13 @@ def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
             )
         pipe = load_single_file_pipeline(path, spec.single_file_config)
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config), path
+    if spec.single_file_config is not None:
+        logger.warning(
+            "model.single_file_config=%s is ignored: %s is not a single checkpoint file (an original "
+            "motion-module file takes its config from model.motion_adapter_config)",
+            spec.single_file_config,
+            path,
+        )
     unet = load_component(UNet2DConditionModel, path, "unet", spec.revision, spec.variant, FLAG)
     vae = load_component(AutoencoderKL, path, "vae", spec.revision, spec.variant, FLAG)
     text_encoder = load_component(CLIPTextModel, path, "text_encoder", spec.revision, spec.variant, FLAG)
