@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .config_io import ConfigError, diff_from_defaults, to_dict
+from .metrics_log import METRICS_FILE, metric_history
 from .train_config import TrainConfig, load_train_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,5 +80,9 @@ def run(args: argparse.Namespace, default_config: Path, families: tuple[str, ...
 
     out = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # once, not once per data-parallel process
+        evals = metric_history(Path(out) / METRICS_FILE, "eval_loss")
+        if len(evals) > 1:
+            (first_step, first), (last_step, last) = evals[0], evals[-1]
+            print(f"eval_loss {first:.4g} (step {first_step}) -> {last:.4g} (step {last_step})")
         print(f"done: outputs in {out}")
     return 0

@@ -307,6 +307,10 @@ def train(cfg: TrainConfig) -> Path:
             if ema is not None:
                 ema.step(params)
             loss = accelerator.gather(result.loss.detach().reshape(1)).mean().item()
+            if eval_draws and (
+                state.global_step % cfg.run.eval_steps == 0 or state.global_step == o.max_train_steps
+            ):
+                run_eval()
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4g}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", **last_eval)
             if state.global_step % cfg.run.log_every == 0:
@@ -325,10 +329,6 @@ def train(cfg: TrainConfig) -> Path:
                     accelerator.log(logs, step=state.global_step)
                 if accelerator.is_main_process:  # a plain-text copy for scripts and tests
                     append_metrics(metrics_path, state.global_step, logs)
-            if eval_draws and (
-                state.global_step % cfg.run.eval_steps == 0 or state.global_step == o.max_train_steps
-            ):
-                run_eval()
             if cfg.run.checkpointing_steps and state.global_step % cfg.run.checkpointing_steps == 0:
                 _save_checkpoint(accelerator, out, state, cfg.run.checkpoints_total_limit)
             if cfg.run.validation_steps and state.global_step % cfg.run.validation_steps == 0:

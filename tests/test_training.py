@@ -116,8 +116,9 @@ def test_the_tiny_animatediff_default_lowers_its_eval_loss(env, tmp_path):
     """The README's main job, cut to 150 of its 300 steps: the objective on fixed draws at the window
     starts (where the 4-step sampler queries the student) falls (measured: 0.0235 -> 0.0179 at step 150,
     0.0144 at step 300). The per-step training loss is too noisy to show it (it varies ~100x with t)."""
-    train(env, "animatediff", tmp_path, "--max_train_steps", "150", "run.validation_prompts=[]")
+    proc = train(env, "animatediff", tmp_path, "--max_train_steps", "150", "run.validation_prompts=[]")
     evals = metric(tmp_path, "eval_loss")
+    assert f"eval_loss {evals[0][1]:.4g} (step 0) -> {evals[-1][1]:.4g} (step 150)" in proc.stdout
     assert [step for step, _ in evals] == [0, 50, 100, 150]
     assert evals[-1][1] < 0.85 * evals[0][1], evals
     summary = json.loads((tmp_path / "train_summary.json").read_text())
