@@ -8,9 +8,9 @@ what the teacher does in M: that is where a K-step sampler queries it (DESIGN.md
 training has most to gain.
 
 So a run evaluates, every ``run.eval_steps``, the same objective (same K, M, parameterization, CFG
-and weighting) on one fixed set of draws: the first ``run.eval_samples`` training items, noise from a
-generator of its own, windows 0..K-1 in turn and t = t_s. The teacher's half (``reflow_targets``) is
-computed once; each evaluation is then one no-grad student forward per sample. The set comes from the
+and weighting) on one fixed set of draws: the first ``run.eval_samples`` training items, noise of their
+own per item (:func:`eval_noise`), item i in window i mod K at t = t_s. The teacher's half
+(``reflow_targets``) is computed once; each evaluation is then one no-grad student forward per batch. The set comes from the
 training data (there is no held-out split): it measures fitting the teacher's windows, not
 generalisation to new prompts. Item i is always scored in window i mod K, so the per-window numbers are
 measured on different items. With ``optim.use_ema`` it scores the live weights, not the exported average.
