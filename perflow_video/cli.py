@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .config_io import ConfigError, diff_from_defaults, to_dict
+from .config_io import ConfigError, config_reference, diff_from_defaults, to_dict
 from .metrics_log import METRICS_FILE, metric_history
 from .train_config import TrainConfig, load_train_config
 
@@ -26,7 +26,7 @@ def build_parser(description: str, with_model: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config field can be overridden as section.key=value, e.g. optim.learning_rate=2e-5 "
         "reflow.guidance_scale=7.5 model.trainable=all. Sections: model, data, reflow, optim, run "
-        "(see perflow_video/train_config.py and perflow_video/reflow_objective.py for every field).",
+        "(--help-config lists every field with its default and meaning).",
     )
     if with_model:
         parser.add_argument(
@@ -47,6 +47,10 @@ def build_parser(description: str, with_model: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", dest="dry_run", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--help-config", dest="help_config", action="store_true",
+        help="list every config field (section.key = default  # meaning) and exit",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser
 
@@ -63,6 +67,10 @@ def resolve_config(args: argparse.Namespace, default_config: Path) -> TrainConfi
 
 def run(args: argparse.Namespace, default_config: Path, families: tuple[str, ...]) -> int:
     """Resolve the config, print it for --dry-run, else train. Config errors exit with status 2."""
+    if args.help_config:
+        print("# every config field with its dataclass default; a recipe (--config) and flags override them")
+        print(config_reference(TrainConfig))
+        return 0
     try:
         cfg = resolve_config(args, default_config)
         if cfg.model.family not in families:

@@ -25,11 +25,17 @@ mapping are an error instead of silently keeping the last one.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
+import inspect
+import io
+import json
 import os
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Mapping
@@ -513,3 +519,42 @@ def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return out
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source (its one-line meaning).
+
+    A field written over several lines (the formatter wraps long defaults) takes the first comment within
+    its lines, else a whole-line comment right above it; a field without one maps to "".
+    """
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    whole_line: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#"):
+                whole_line.add(tok.start[0])
+    result = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            above = node.lineno - 1 if node.lineno - 1 in whole_line else None
+            found = [comments[n] for n in lines if n in comments] or ([comments[above]] if above else [])
+            result[node.target.id] = found[0] if found else ""
+    return result
+
+
+def config_reference(cls: type) -> str:
+    """Every field of a config dataclass of sections, one line each: ``section.key = default  # meaning``."""
+    instance = cls()
+    lines = []
+    for section in _init_fields(cls):
+        sub = getattr(instance, section)
+        meanings = field_comments(type(sub))
+        lines.append(f"{section}:")
+        for name in _init_fields(type(sub)):
+            default = json.dumps(_to_plain(getattr(sub, name)))
+            meaning = meanings.get(name, "")
+            lines.append(f"  {section}.{name} = {default}" + (f"  # {meaning}" if meaning else ""))
+    return "\n".join(lines)

@@ -61,10 +61,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     learning_rate: float = 1e-5  # AdamW peak learning rate (per process batch; not scaled automatically)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     adam_weight_decay: float = 1e-5  # as the reference recipe
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
     lr_scheduler: str = "constant_with_warmup"  # any diffusers scheduler name: constant, cosine, linear, ...
     lr_warmup_steps: int = 100  # optimizer steps of linear warm-up
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
@@ -76,7 +76,7 @@ class OptimConfig:
         "auto"  # dtype of teacher/VAE/text encoders: auto (= mixed precision dtype) | fp32 | fp16 | bf16
     )
     use_ema: bool = False  # keep an EMA of the trained weights and export it
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA decay per optimizer step (with use_ema)
     seed: int = 0  # everything random derives from it (data order, t, noise, dropout)
 
 
@@ -93,7 +93,9 @@ class RunConfig:
         100  # log eval_loss, the objective on fixed draws at window starts, every N steps (0 = never)
     )
     eval_samples: int = 16  # training items in that fixed set (teacher targets computed once)
-    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
+    validation_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle moving left"]
+    )  # prompts of the sample clips / images ([] = no samples)
     num_inference_steps: int = 4  # sampling steps for the samples
     guidance_scale: float = 1.0  # CFG when sampling the student (CFG-sync students: ~4.5; CFG-fixed: 1-2.5)
     sample_format: str = "gif"  # gif | mp4 (video families)

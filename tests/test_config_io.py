@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -12,7 +15,9 @@ import pytest
 from perflow_video.config_io import (
     ConfigError,
     apply_overrides,
+    config_reference,
     diff_from_defaults,
+    field_comments,
     from_dict,
     load_yaml_config,
     load_yaml_data,
@@ -20,6 +25,9 @@ from perflow_video.config_io import (
     save_yaml_config,
     to_dict,
 )
+from perflow_video.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -406,3 +414,23 @@ def test_save_yaml_config_failure_leaves_old_file_and_no_temp(tmp_path, monkeypa
         save_yaml_config(Train(seed=2), out)
     assert os.listdir(tmp_path) == ["c.yaml"]
     assert load_yaml_config(Train, out).seed == 1
+
+
+def test_every_training_config_field_has_a_one_line_meaning_listed_by_help_config():
+    cfg = TrainConfig()
+    undocumented = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        meanings = field_comments(type(sub))
+        undocumented += [
+            f"{section.name}.{f.name}" for f in dataclasses.fields(sub) if not meanings.get(f.name)
+        ]
+    assert undocumented == []
+    reference = config_reference(TrainConfig)
+    assert "  reflow.solver_steps = 8  # M, teacher DDIM steps inside one window" in reference
+    assert '  model.pretrained_model_name_or_path = "tiny"  # hub id, local diffusers folder' in reference
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_animatediff.py"), "--help-config"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and reference in proc.stdout
