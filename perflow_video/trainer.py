@@ -20,6 +20,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import checkpointing
+from .atomic_files import atomic_destination
 from .attention import configure_attention
 from .config_io import save_yaml_config, to_dict
 from .families import FamilySpec, get_family
@@ -357,15 +358,16 @@ def train(cfg: TrainConfig) -> Path:
             ema.copy_to(params)  # export the averaged weights
         write_final_outputs(family, models, final_student, initial_weights, reflow, cfg, out)
         _validate(accelerator, family, models, final_student, reflow, cfg, out / "samples" / "final")
-        with open(out / "train_summary.json", "w") as f:
-            summary = {
-                "global_step": state.global_step,
-                "skipped_nonfinite": nonfinite_total,
-                "eval_loss": metric_history(metrics_path, "eval_loss"),  # this run's, resumes included
-            }
-            json.dump(
-                {**summary, "num_processes": accelerator.num_processes, "param_checksums": checksums}, f
-            )
+        summary = {
+            "global_step": state.global_step,
+            "skipped_nonfinite": nonfinite_total,
+            "eval_loss": metric_history(metrics_path, "eval_loss"),  # this run's, resumes included
+            "num_processes": accelerator.num_processes,
+            "param_checksums": checksums,
+        }
+        # Written last and atomically: its presence means the run finished and every output is complete.
+        with atomic_destination(out / "train_summary.json") as tmp:
+            Path(tmp).write_text(json.dumps(summary))
     # Release the DDP-wrapped student on every rank while the process group is alive: end_training
     # destroys the group, after which a DDP reducer's destructor can hang forever in gloo.
     student = optimizer = loader = epoch_loader = lr_scheduler = None  # noqa: F841
