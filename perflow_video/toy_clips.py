@@ -141,8 +141,9 @@ def render_toy_clip(clip: ToyClip) -> np.ndarray:
 def make_toy_clips(out_dir: str | Path, config: ToyClipConfig = ToyClipConfig()) -> list[ToyClip]:
     """Writes ``<videoid>.mp4`` + ``<videoid>.txt`` per clip and ``captions.csv`` into ``out_dir``.
 
-    Same config, same files: rendering is seeded and x264 output is deterministic for fixed settings
-    (the encoder runs single-threaded here so the thread count of the machine does not matter).
+    Same config, same clips: rendering is seeded and the encoder runs single-threaded (so the machine's
+    thread count does not matter); the videos decode to identical frames. Their bytes match almost
+    always, not always: x264 now and then codes the same pictures with different bits.
 
     Args:
         out_dir: Folder to write into (created; existing toy files are overwritten).

@@ -60,8 +60,17 @@ def test_generation_is_deterministic_and_writes_both_layouts(tmp_path):
     config = ToyClipConfig(num_clips=4, seed=3, sizes=((64, 64), (96, 64)), min_frames=16, max_frames=20)
     a, b = make_toy_clips(tmp_path / "a", config), make_toy_clips(tmp_path / "b", config)
     assert a == b
-    for name in ["captions.csv"] + [f"{c.videoid}{ext}" for c in a for ext in (".mp4", ".txt")]:
+    for name in ["captions.csv"] + [f"{c.videoid}.txt" for c in a]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # The videos decode to identical frames. Their bytes almost always match too, but not always: x264
+    # (single-threaded, same input) now and then codes the same pictures with different bits (seen in
+    # 2 of 30 runs; the decoded frames were identical), so bytes are not what is promised.
+    for clip in a:
+        frames = [
+            read_frames(str(tmp_path / d / f"{clip.videoid}.mp4"), range(clip.num_frames), backend="pyav")
+            for d in ("a", "b")
+        ]
+        assert np.array_equal(frames[0], frames[1]), clip.videoid
     rows = list(csv.DictReader(open(tmp_path / "a" / "captions.csv")))
     assert list(rows[0]) == ["videoid", "name", "page_dir"]
     for row, clip in zip(rows, a, strict=True):
