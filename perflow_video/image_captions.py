@@ -20,6 +20,7 @@ from perflow_video.video_clips import (
     CaptionedDataset,
     CaptionedFile,
     SkipReport,
+    output_size,
     read_caption,
     read_csv_rows,
     resize_center_crop,
@@ -85,7 +86,7 @@ class ImageCaptionDataset(CaptionedDataset):
         if (c.csv_path is None) == (c.folder is None):
             raise ValueError("ImageCaptionConfig: give exactly one of csv_path or folder")
         self.config = c
-        self.size = (c.resolution, c.resolution) if isinstance(c.resolution, int) else tuple(c.resolution)
+        self.size = output_size(c.resolution)
         super().__init__(
             self._load_csv(c) if c.csv_path is not None else self._scan_folder(c), c.max_bad_fraction
         )

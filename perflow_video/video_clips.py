@@ -136,7 +136,8 @@ class CaptionedFile:
     caption_path: str | None
 
 
-def _resolution(res: int | tuple[int, int]) -> tuple[int, int]:
+def output_size(res: int | tuple[int, int]) -> tuple[int, int]:
+    """A ``resolution`` setting as (H, W): an int means square."""
     return (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
 
 
@@ -303,7 +304,7 @@ class VideoClipDataset(CaptionedDataset):
         if c.num_frames < 1 or c.sample_stride < 1:
             raise ValueError("num_frames and sample_stride must be >= 1")
         self.config = c
-        self.size = _resolution(c.resolution)
+        self.size = output_size(c.resolution)
         entries = self._load_csv(c) if c.csv_path is not None else self._scan_folder(c)
         super().__init__(entries, c.max_bad_fraction)
         self._probes: OrderedDict[str, VideoInfo] = OrderedDict()
