@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from perflow_video.toy_clips import ToyClipConfig, make_toy_clips
+from perflow_video.toy.toy_clips import ToyClipConfig, make_toy_clips
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:

@@ -6,7 +6,7 @@ python data/make_toy_images.py [--out_dir data/toy_images]
 import argparse
 from pathlib import Path
 
-from perflow_video.toy_images import make_toy_images
+from perflow_video.toy.toy_images import make_toy_images
 
 
 def main() -> None:

@@ -1,17 +1,17 @@
 """perflow-video: Piecewise Rectified Flow (PeRFlow) for AnimateDiff and Stable Diffusion 1.5 / 2.1 / XL."""
 
-__version__ = "0.1.0"
-
-from .delta_weights import apply_delta_weights, load_delta_weights, save_delta_weights  # noqa: E402
-from .image_captions import ImageCaptionConfig, ImageCaptionDataset  # noqa: E402
-from .parameterization import get_parameterization  # noqa: E402
-from .reflow_objective import ReflowConfig, reflow_loss  # noqa: E402
-from .scheduler import PeRFlowScheduler  # noqa: E402
-from .teacher_solver import Conditioning, solve_window  # noqa: E402
-from .video_clips import BadDataError, VideoClipConfig, VideoClipDataset  # noqa: E402
-from .video_export import export_video, export_videos  # noqa: E402
+from perflow_video._version import __version__
+from perflow_video.datasets.image_captions import ImageCaptionConfig, ImageCaptionDataset
+from perflow_video.datasets.video_clips import BadDataError, VideoClipConfig, VideoClipDataset
+from perflow_video.media.video_export import export_video, export_videos
+from perflow_video.method.parameterization import get_parameterization
+from perflow_video.method.reflow_objective import ReflowConfig, reflow_loss
+from perflow_video.method.teacher_solver import Conditioning, solve_window
+from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.weights.delta_weights import apply_delta_weights, load_delta_weights, save_delta_weights
 
 __all__ = [
+    "__version__",
     "BadDataError",
     "Conditioning",
     "ImageCaptionConfig",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+
+import torch
+from safetensors.torch import save_file
 
 
 def fsync_dir(directory: str) -> None:
@@ -45,3 +48,22 @@ def atomic_destination(path: str | os.PathLike) -> Iterator[str]:
             os.remove(tmp_path)
         raise
     fsync_dir(directory)
+
+
+def write_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None
+) -> None:
+    """Write a safetensors file so that ``path`` is either the old file or the complete new one.
+
+    The data goes to a temporary file in the same directory (so ``os.replace`` is an atomic rename on
+    one filesystem), is fsync'ed, then renamed over ``path``. On any error the temporary file is
+    removed and ``path`` is untouched.
+
+    Args:
+        tensors: Tensors to store (moved to CPU, made contiguous).
+        path: Destination file.
+        metadata: safetensors string metadata, or None.
+    """
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_destination(path) as tmp_path:
+        save_file(data, tmp_path, metadata=dict(metadata) if metadata is not None else None)

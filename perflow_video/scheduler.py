@@ -1,4 +1,4 @@
-"""PeRFlowScheduler: a diffusers scheduler that samples a PeRFlow student (DESIGN.md §4).
+"""PeRFlowScheduler: a diffusers scheduler that samples a PeRFlow student (docs/method.md §4).
 
 It drives diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and
 ``AnimateDiffPipeline`` unchanged, and reads the ``scheduler_config.json`` of released PeRFlow
@@ -30,9 +30,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .noise_schedule import make_alphas_cumprod
-from .parameterization import canonical_prediction_type, get_parameterization
-from .time_windows import abar_at, time_of_timestep, timestep_of_time, window_of_time
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.parameterization import canonical_prediction_type, get_parameterization
+from perflow_video.method.time_windows import abar_at, time_of_timestep, timestep_of_time, window_of_time
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PeRFlowSchedulerOutput(BaseOutput):
 
 
 def perflow_time_points(num_inference_steps: int, num_windows: int) -> np.ndarray:
-    """The sampling times t (float64, decreasing from 1) of DESIGN.md §4, including the n < K rule."""
+    """The sampling times t (float64, decreasing from 1) of docs/method.md §4, including the n < K rule."""
     n, K = num_inference_steps, num_windows
     if n < K:
         return np.linspace(1.0, 0.0, n, endpoint=False)
@@ -72,7 +72,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         beta_start, beta_end, beta_schedule, trained_betas: the teacher's noise schedule (abar is needed
             at the window edges). AnimateDiff motion modules use ``linear``, SD ``scaled_linear``.
         set_alpha_to_one: accepted for config compatibility with released checkpoints; PeRFlow's last
-            window always ends at abar[0] (DESIGN.md §1), so it has no effect.
+            window always ends at abar[0] (docs/method.md §1), so it has no effect.
         prediction_type: ``ddim_eps`` (B), ``diff_eps`` (A; legacy name ``epsilon``) or ``velocity``.
         t_noise, t_clean: the time interval; PeRFlow uses [1, 0] (other values are rejected).
         num_time_windows: K.
@@ -157,7 +157,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
     ) -> PeRFlowSchedulerOutput | tuple:
-        """Advance ``sample`` from ``timestep`` to the next scheduled timestep (DESIGN.md §4).
+        """Advance ``sample`` from ``timestep`` to the next scheduled timestep (docs/method.md §4).
 
         Args:
             model_output: (B, ...) the student's (guided) prediction: eps or v per ``prediction_type``.
@@ -191,7 +191,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """z_t = sqrt(abar(t)) z_0 + sqrt(1 - abar(t)) eps with t = tau / N (abar index tau - 1, DESIGN §1)."""
+        """z_t = sqrt(abar(t)) z_0 + sqrt(1 - abar(t)) eps with t = tau / N (abar index tau - 1, docs/method.md §1)."""
         t = time_of_timestep(torch.as_tensor(timesteps).reshape(-1).cpu(), self.config.num_train_timesteps)
         abar = abar_at(t, self.alphas_cumprod).to(
             device=original_samples.device, dtype=original_samples.dtype

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from perflow_video.video_clips import VideoClipConfig, VideoClipDataset
-from perflow_video.video_decode import decord_available
-from perflow_video.video_export import encode_video
+from perflow_video.datasets.video_clips import VideoClipConfig, VideoClipDataset
+from perflow_video.media.video_decode import decord_available
+from perflow_video.media.video_export import encode_video
 
 
 def make_sources(folder: Path, count: int, frames: int, size: int, gop: int, seed: int = 0) -> None:

@@ -15,8 +15,8 @@ import time
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from perflow_video.reflow_objective import ReflowConfig
-from perflow_video.toy_problem import (
+from perflow_video.method.reflow_objective import ReflowConfig
+from perflow_video.toy.toy_problem import (
     GaussianMixture,
     MixtureTeacher,
     mean_distance,

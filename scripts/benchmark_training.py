@@ -36,7 +36,7 @@ PHASES = ("data", "encode", "solve", "student", "total", "forward")
 
 def load_config(family: str):
     """configs/tiny/<family>.yaml, or the dataclass defaults with the tiny image settings."""
-    from perflow_video.train_config import load_train_config
+    from perflow_video.training.train_config import load_train_config
 
     path = REPO / "configs" / "tiny" / f"{family}.yaml"
     if path.is_file():
@@ -80,13 +80,13 @@ def endless_batches(loader, dataset):
 
 def bench_family(name: str, steps: int, warmup: int) -> dict:
     from perflow_video import reflow_objective
-    from perflow_video.attention import configure_attention
     from perflow_video.families import get_family
-    from perflow_video.noise_schedule import alphas_cumprod_from_scheduler_config
-    from perflow_video.teacher_solver import guided_eps
-    from perflow_video.time_windows import abar_index_of_time
-    from perflow_video.trainer import FrozenModel, family_spec, per_sample_draws
-    from perflow_video.training_data import build_dataset
+    from perflow_video.families.attention import configure_attention
+    from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
+    from perflow_video.method.teacher_solver import guided_eps
+    from perflow_video.method.time_windows import abar_index_of_time
+    from perflow_video.training.trainer import FrozenModel, family_spec, per_sample_draws
+    from perflow_video.training.training_data import build_dataset
 
     cfg, from_yaml = load_config(name)
     torch.manual_seed(cfg.optim.seed)

@@ -7,7 +7,7 @@ Multi-GPU: accelerate launch --config_file configs/accelerate/multi_gpu.yaml scr
 
 import sys
 
-from perflow_video.cli import CONFIG_DIR, build_parser, run
+from perflow_video.training.cli import CONFIG_DIR, build_parser, run
 
 
 def main() -> int:

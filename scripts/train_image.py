@@ -6,7 +6,7 @@ toy images (configs/tiny/M.yaml). --config overrides the choice of file.
 
 import sys
 
-from perflow_video.cli import CONFIG_DIR, build_parser, run
+from perflow_video.training.cli import CONFIG_DIR, build_parser, run
 
 
 def main() -> int:

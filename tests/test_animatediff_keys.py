@@ -17,14 +17,14 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from perflow_video.animatediff_keys import (
+from perflow_video.tiny.tiny_models import tiny_unet
+from perflow_video.weights.animatediff_keys import (
     diffusers_to_original,
     export_motion_module_original,
     is_diffusers_motion_key,
     is_original_motion_key,
     original_to_diffusers,
 )
-from perflow_video.tiny_models import tiny_unet
 
 
 def _tiny_unet() -> UNet2DConditionModel:

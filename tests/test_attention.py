@@ -4,8 +4,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from perflow_video.attention import configure_attention, resolve_attention_backend, xformers_available
-from perflow_video.tiny_models import tiny_unet
+from perflow_video.families.attention import (
+    configure_attention,
+    resolve_attention_backend,
+    xformers_available,
+)
+from perflow_video.tiny.tiny_models import tiny_unet
 
 
 def test_auto_falls_back_to_sdpa_without_cuda_or_xformers():

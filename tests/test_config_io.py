@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import pytest
 
-from perflow_video.config_io import (
+from perflow_video.training.config_io import (
     ConfigError,
     apply_overrides,
     config_reference,
@@ -25,7 +25,7 @@ from perflow_video.config_io import (
     save_yaml_config,
     to_dict,
 )
-from perflow_video.train_config import TrainConfig
+from perflow_video.training.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

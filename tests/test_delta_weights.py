@@ -14,9 +14,10 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import perflow_video.delta_weights as dw
+import perflow_video.atomic_files as atomic_files
 from perflow_video import __version__
-from perflow_video.delta_weights import (
+from perflow_video.tiny.tiny_models import tiny_unet
+from perflow_video.weights.delta_weights import (
     DeltaMetadata,
     apply_delta_weights,
     compute_delta_weights,
@@ -25,7 +26,6 @@ from perflow_video.delta_weights import (
     save_delta_weights,
     trainable_parameter_names,
 )
-from perflow_video.tiny_models import tiny_unet
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -264,7 +264,7 @@ def test_interrupted_write_keeps_previous_file(tmp_path, full_delta, monkeypatch
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(dw, "save_file", crashing_save_file)
+    monkeypatch.setattr(atomic_files, "save_file", crashing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_delta_weights({"conv_in.bias": torch.ones(32)}, path, _meta())
     assert path.read_bytes() == before

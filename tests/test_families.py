@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import MotionAdapter
 
-from perflow_video.animatediff_keys import export_motion_module_original
 from perflow_video.families import FamilySpec, get_family
 from perflow_video.families.animatediff import load_motion_adapter
-from perflow_video.tiny_models import save_tiny_model, tiny_motion_adapter
+from perflow_video.tiny.tiny_models import save_tiny_model, tiny_motion_adapter
+from perflow_video.weights.animatediff_keys import export_motion_module_original
 
 
 def spec(path, family="sd15", **kw):
@@ -83,7 +83,7 @@ def test_sdxl_conditioning_has_pooled_embeds_time_ids_and_zero_empty_prompt(tmp_
 
 def test_tiny_latents_of_the_toy_clips_have_unit_scale(tiny_animatediff):
     # Data and noise on the same scale, as the real VAEs' scaling factors make them (else trajectories are trivial).
-    from perflow_video.video_clips import VideoClipConfig, VideoClipDataset
+    from perflow_video.datasets.video_clips import VideoClipConfig, VideoClipDataset
 
     family = get_family("animatediff")
     models = family.load(spec(tiny_animatediff, motion_adapter=str(tiny_animatediff / "motion_adapter")))
@@ -112,7 +112,7 @@ def test_animatediff_uses_the_motion_modules_linear_betas_whatever_the_base_mode
 def test_animatediff_from_two_single_files_takes_each_config_from_its_own_key(tmp_path, tiny_animatediff):
     # A community SD1.5 file + an original motion-module file: the SD configs come from
     # model.single_file_config, the adapter's from model.motion_adapter_config.
-    from perflow_video.sd_original_layout import save_original_sd_checkpoint
+    from perflow_video.weights.sd_original_layout import save_original_sd_checkpoint
 
     base = tmp_path / "community-sd15.safetensors"
     save_original_sd_checkpoint(tiny_animatediff, base)

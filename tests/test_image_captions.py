@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_video.image_captions import ImageCaptionConfig, ImageCaptionDataset
-from perflow_video.video_clips import BadDataError
+from perflow_video.datasets.image_captions import ImageCaptionConfig, ImageCaptionDataset
+from perflow_video.datasets.video_clips import BadDataError
 
 
 def gradient(h: int, w: int) -> np.ndarray:

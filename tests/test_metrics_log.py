@@ -1,6 +1,6 @@
 """metrics.jsonl: one run's log; a resume drops what ran after its checkpoint, a fresh start empties it."""
 
-from perflow_video.metrics_log import append_metrics, metric_history, read_metrics, truncate_metrics
+from perflow_video.training.metrics_log import append_metrics, metric_history, read_metrics, truncate_metrics
 
 
 def test_truncation_keeps_the_steps_up_to_the_checkpoint_and_a_fresh_start_keeps_none(tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.parameterization import (
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.parameterization import (
     canonical_prediction_type,
     eps_target,
     eps_to_velocity,
@@ -13,8 +13,8 @@ from perflow_video.parameterization import (
     lambda_eta_diff_eps,
     velocity_to_eps,
 )
-from perflow_video.teacher_solver import ddim_step
-from perflow_video.time_windows import abar_at
+from perflow_video.method.teacher_solver import ddim_step
+from perflow_video.method.time_windows import abar_at
 
 ABAR = make_alphas_cumprod().double()
 
@@ -26,7 +26,7 @@ def window(k: int, K: int = 4, batch: int = 5):
 
 
 def test_sd_coefficients_match_design_table():
-    # DESIGN.md §2: (lambda, eta_A, eta_B) of SD's four windows. Labelled regression of the table.
+    # docs/method.md §2: (lambda, eta_A, eta_B) of SD's four windows. Labelled regression of the table.
     table = [(3.4858, -3.3393, -2.5064), (2.2145, -1.9758, -1.3009), (1.5596, -1.1969, -0.7558),
              (1.2163, -0.6923, -0.6638)]  # fmt: skip
     for k, (lam, eta_a, eta_b) in enumerate(table):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.reflow_evaluation import evaluate_student, fixed_draws
-from perflow_video.reflow_objective import ReflowConfig
-from perflow_video.teacher_solver import Conditioning
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.reflow_evaluation import evaluate_student, fixed_draws
+from perflow_video.method.reflow_objective import ReflowConfig
+from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
 
 ABAR = make_alphas_cumprod()
 MIXTURE = GaussianMixture.ring()
@@ -47,7 +47,7 @@ def test_the_set_depends_on_the_seed_but_not_on_how_it_is_batched():
 
 @pytest.mark.parametrize("weighting", ["uniform", "endpoint"])
 def test_untrained_student_scores_zero_with_one_solver_step_and_more_with_eight(weighting):
-    # Parameterization B at t = t_s with M = 1: the target is the teacher's own eps (DESIGN.md eq. 8), so the
+    # Parameterization B at t = t_s with M = 1: the target is the teacher's own eps (paper eq. 8), so the
     # student that starts as the teacher is exact; with M = 8 it is not (the curvature training removes).
     teacher = MixtureTeacher(MIXTURE, ABAR)
     student = TeacherAsStudent(teacher)

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.reflow_objective import (
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.reflow_objective import (
     ReflowConfig,
     reflow_loss,
     sample_times,
     window_start_times,
 )
-from perflow_video.teacher_solver import Conditioning
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
+from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent, ToyStudent
 
 ABAR = make_alphas_cumprod()
 

@@ -1,4 +1,4 @@
-"""PeRFlowScheduler against DESIGN.md §4, written out independently here, for every type, K and n."""
+"""PeRFlowScheduler against docs/method.md §4, written out independently here, for every type, K and n."""
 
 import logging
 from fractions import Fraction
@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from perflow_video.noise_schedule import make_alphas_cumprod
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.teacher_solver import Conditioning, solve_window
 from perflow_video.scheduler import PeRFlowScheduler
-from perflow_video.teacher_solver import Conditioning, solve_window
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent
+from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent
 
 
 def animatediff_ddim_config():
@@ -60,7 +60,7 @@ def test_fewer_steps_than_windows_runs_exactly_n_steps_and_warns(caplog):
 
 
 def design_step(prediction_type, K, abar, model_output, tau, tau_next, z):
-    """DESIGN.md §2/§4 written out with exact window arithmetic (independent of the library)."""
+    """docs/method.md §2/§4 written out with exact window arithmetic (independent of the library)."""
     t = Fraction(int(tau), 1000)
     k = next(k for k in range(K) if Fraction(K - k, K) >= t > Fraction(K - k - 1, K))
     t_s, t_e = Fraction(K - k, K), Fraction(K - k - 1, K)

@@ -1,12 +1,12 @@
-"""PeRFlowScheduler with tiny *real* diffusers UNets and pipelines (DESIGN.md §1, §2, §4).
+"""PeRFlowScheduler with tiny *real* diffusers UNets and pipelines (docs/method.md §1, §2, §4).
 
 Nothing here is mocked: the UNets are ``UNet2DConditionModel`` / ``UNetMotionModel`` and the pipelines are
 diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and ``AnimateDiffPipeline`` built
-by :mod:`perflow_video.tiny_models`. The tests check
+by :mod:`perflow_video.tiny.tiny_models`. The tests check
 
-1. the parameterization-B identity (DESIGN §2) on real networks, 4-D and 5-D, in float64: an untrained
+1. the parameterization-B identity (docs/method.md §2) on real networks, 4-D and 5-D, in float64: an untrained
    student sampled with one step per window *is* the teacher's DDIM through every window edge;
-2. that the pipelines run with our scheduler swapped in, on DESIGN §4's timesteps, with CFG before ``step``;
+2. that the pipelines run with our scheduler swapped in, on docs/method.md §4's timesteps, with CFG before ``step``;
 3. that a pipeline's output equals a hand-written UNet + scheduler loop (the pipeline adds nothing);
 4. the teacher's (AnimateDiff: linear) noise schedule and the save / load round trip of a pipeline folder.
 """
@@ -26,12 +26,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from perflow_video.noise_schedule import make_alphas_cumprod
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.teacher_solver import Conditioning, solve_window
 from perflow_video.scheduler import PeRFlowScheduler
-from perflow_video.teacher_solver import Conditioning, solve_window
-from perflow_video.tiny_models import tiny_pipeline, tiny_scheduler, tiny_unet, tiny_unet_motion
+from perflow_video.tiny.tiny_models import tiny_pipeline, tiny_scheduler, tiny_unet, tiny_unet_motion
 
-DESIGN_TIMESTEPS = {  # DESIGN.md §4 for K = 4 (n = 2 < K: t = 1 - j / n, the module docstring's rule)
+DESIGN_TIMESTEPS = {  # docs/method.md §4 for K = 4 (n = 2 < K: t = 1 - j / n, the module docstring's rule)
     2: [1000, 500],
     4: [1000, 750, 500, 250],
     6: [1000, 875, 750, 625, 500, 250],
@@ -84,7 +84,7 @@ def record_steps(pipe) -> list[dict]:
 
 
 def check_steps_follow_design(calls: list[dict], family: str, K: int = 4) -> None:
-    """Every step the pipeline made, recomputed from DESIGN §2 / §4 (eq. 6, then Euler) in float64 with exact
+    """Every step the pipeline made, recomputed from docs/method.md §2 / §4 (eq. 6, then Euler) in float64 with exact
     window arithmetic, on exactly what the pipeline handed the scheduler. abar is the teacher DDIM's."""
     abar = DDIMScheduler.from_config(tiny_scheduler(family).config).alphas_cumprod.double()
     prediction_type = PARAMETERIZATION[family]
@@ -142,7 +142,7 @@ def sample_student(net, z, cond, scheduler, timestep_shift: int) -> list[torch.T
     """Sample the untrained student (= the teacher network) with ``scheduler``; returns z after every step.
 
     ``timestep_shift`` = 1 feeds the network tau - 1 = int(1000 t) - 1, the discrete index whose abar the
-    teacher denoises (DESIGN §1); 0 feeds tau itself, as real sampling of a student does.
+    teacher denoises (docs/method.md §1); 0 feeds tau itself, as real sampling of a student does.
     """
     edges = []
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_without_the_timestep_shift_the_student_is_close_to_but_not_the_teacher(
     """Real sampling feeds the student tau = 1000 t (1000 at t = 1), the teacher was evaluated at the index
     tau - 1 (999). The sinusoidal timestep embedding of 1000 and 999 differ (its highest frequency turns by
     one radian per timestep), so the untrained student is only approximately the teacher's DDIM; training
-    (DESIGN §3 step 6 uses timestep 1000 t) absorbs the shift."""
+    (docs/method.md §3 step 6 uses timestep 1000 t) absorbs the shift."""
     net, z1, cond = float64_teacher(family)
     K = 4
     scheduler = PeRFlowScheduler.from_config(

@@ -21,10 +21,11 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from perflow_video.delta_weights import load_delta_weights
 from perflow_video.families import FamilySpec, get_family
 from perflow_video.families.stable_diffusion import load_sd_parts
-from perflow_video.sd_original_layout import (
+from perflow_video.tiny.tiny_models import save_tiny_model, tiny_unet
+from perflow_video.weights.delta_weights import load_delta_weights
+from perflow_video.weights.sd_original_layout import (
     UNET_PREFIX,
     VAE_PREFIX,
     diffusers_to_original_sd,
@@ -33,7 +34,6 @@ from perflow_video.sd_original_layout import (
     unet_to_original,
     vae_to_original,
 )
-from perflow_video.tiny_models import save_tiny_model, tiny_unet
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("unet", "vae", "text_encoder")

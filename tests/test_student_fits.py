@@ -3,9 +3,9 @@
 import torch
 
 from perflow_video.families import FamilySpec, get_family
-from perflow_video.noise_schedule import alphas_cumprod_from_scheduler_config
-from perflow_video.reflow_objective import ReflowConfig, reflow_loss, sample_times
-from perflow_video.tiny_models import save_tiny_model
+from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
+from perflow_video.method.reflow_objective import ReflowConfig, reflow_loss, sample_times
+from perflow_video.tiny.tiny_models import save_tiny_model
 
 
 def test_motion_module_training_lowers_the_reflow_loss_on_a_fixed_batch(tmp_path):

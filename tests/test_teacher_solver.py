@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.teacher_solver import Conditioning, ddim_step, solve_window
-from perflow_video.toy_problem import GaussianMixture, MixtureTeacher
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.teacher_solver import Conditioning, ddim_step, solve_window
+from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher
 
 ABAR = make_alphas_cumprod()
 

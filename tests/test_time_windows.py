@@ -1,10 +1,10 @@
-"""The time convention of DESIGN.md §1, tested at both ends."""
+"""The time convention of docs/method.md §1, tested at both ends."""
 
 import pytest
 import torch
 
-from perflow_video.noise_schedule import make_alphas_cumprod
-from perflow_video.time_windows import (
+from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.time_windows import (
     abar_at,
     abar_index_of_time,
     time_of_timestep,

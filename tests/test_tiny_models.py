@@ -17,7 +17,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
-from perflow_video.tiny_models import (
+from perflow_video.tiny.tiny_models import (
     TINY_TOKENIZER_DIR,
     TINY_WORDS,
     save_tiny_model,

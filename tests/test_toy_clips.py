@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perflow_video.toy_clips import (
+from perflow_video.media.video_decode import probe_video, read_frames
+from perflow_video.toy.toy_clips import (
     BACKGROUND,
     COLORS,
     DIRECTIONS,
@@ -19,7 +20,6 @@ from perflow_video.toy_clips import (
     plan_toy_clips,
     render_toy_clip,
 )
-from perflow_video.video_decode import probe_video, read_frames
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "toy_clips"

@@ -3,8 +3,8 @@
 import torch
 from diffusers import DDIMScheduler
 
-from perflow_video.reflow_objective import ReflowConfig
-from perflow_video.toy_problem import (
+from perflow_video.method.reflow_objective import ReflowConfig
+from perflow_video.toy.toy_problem import (
     GaussianMixture,
     MixtureTeacher,
     mean_distance,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perflow_video.delta_weights import apply_delta_weights, load_delta_weights
 from perflow_video.scheduler import PeRFlowScheduler
-from perflow_video.tiny_models import TINY_MODELS_VERSION
+from perflow_video.tiny.tiny_models import TINY_MODELS_VERSION
+from perflow_video.weights.delta_weights import apply_delta_weights, load_delta_weights
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["run.validation_steps=0", "run.log_every=1", "optim.lr_warmup_steps=2"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from perflow_video.toy_clips import ToyClipConfig, make_toy_clips
-from perflow_video.video_clips import BadDataError, VideoClipConfig, VideoClipDataset
-from perflow_video.video_decode import decord_available, probe_video, read_frames
-from perflow_video.video_export import encode_video, write_gif
+from perflow_video.datasets.video_clips import BadDataError, VideoClipConfig, VideoClipDataset
+from perflow_video.media.video_decode import decord_available, probe_video, read_frames
+from perflow_video.media.video_export import encode_video, write_gif
+from perflow_video.toy.toy_clips import ToyClipConfig, make_toy_clips
 
 BACKENDS = ["pyav"] + (["decord"] if decord_available() else [])
 SMALL = {"num_frames": 8, "resolution": 32, "sample_stride": 2}

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from perflow_video.video_decode import (
+from perflow_video.media.video_decode import (
     EMPTY_FILE,
     INDEX_OUT_OF_RANGE,
     MISSING_FILE,
@@ -21,7 +21,7 @@ from perflow_video.video_decode import (
     probe_video,
     read_frames,
 )
-from perflow_video.video_export import encode_video, write_gif
+from perflow_video.media.video_export import encode_video, write_gif
 
 needs_decord = pytest.mark.skipif(not decord_available(), reason="decord has no wheel on this platform")
 
@@ -243,7 +243,7 @@ def test_unknown_backend_and_empty_indices(tmp_path):
 
 
 def test_without_decord_auto_uses_pyav_and_decord_is_a_clear_error(tmp_path, monkeypatch):
-    import perflow_video.video_decode as vd
+    import perflow_video.media.video_decode as vd
 
     monkeypatch.setattr(vd, "decord_available", lambda: False)  # as on aarch64 / macOS arm64
     path = _write_faststart(tmp_path / "a.mp4", n=8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_video.video_export import export_video, export_videos, to_uint8_frames
+from perflow_video.media.video_export import export_video, export_videos, to_uint8_frames
 
 
 def smooth_clip(f: int = 12, h: int = 48, w: int = 64) -> np.ndarray:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .animatediff import AnimateDiffFamily
-from .base import FamilyModels, FamilySpec, ModelFamily
-from .sdxl import SDXLFamily
-from .stable_diffusion import StableDiffusionFamily
+from perflow_video.families.animatediff import AnimateDiffFamily
+from perflow_video.families.base import FamilyModels, FamilySpec, ModelFamily
+from perflow_video.families.sdxl import SDXLFamily
+from perflow_video.families.stable_diffusion import StableDiffusionFamily
 
 FAMILIES = ("animatediff", "sd15", "sd21", "sdxl")
 

@@ -1,5 +1,5 @@
 """AnimateDiff: SD1.5 UNet + motion modules (diffusers ``UNetMotionModel``), 16 x 384 x 384 clips,
-parameterization B, the motion modules' own *linear* betas (DESIGN.md §5)."""
+parameterization B, the motion modules' own *linear* betas (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 from einops import rearrange
 from safetensors.torch import load_file
 
-from ..animatediff_keys import original_to_diffusers
-from ..teacher_solver import Conditioning
-from .base import (
+from perflow_video.families.base import (
     TRAINABLE_CHOICES,
     FamilyModels,
     FamilySpec,
@@ -24,8 +22,10 @@ from .base import (
     make_student,
     missing_weights_error,
 )
-from .loading import TINY_PREFIX, load_component, resolve_model_path
-from .stable_diffusion import load_sd_parts
+from perflow_video.families.loading import TINY_PREFIX, load_component, resolve_model_path
+from perflow_video.families.stable_diffusion import load_sd_parts
+from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.weights.animatediff_keys import original_to_diffusers
 
 logger = logging.getLogger(__name__)
 FLAG = "model.motion_adapter"
@@ -87,7 +87,7 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     return adapter
 
 
-# AnimateDiff motion modules were trained with linear betas 0.00085 -> 0.012 (DESIGN.md §5), whatever the
+# AnimateDiff motion modules were trained with linear betas 0.00085 -> 0.012 (docs/method.md §5), whatever the
 # SD1.5 folder's own scheduler config says (scaled_linear): the teacher solver and the exported
 # PeRFlowScheduler must use the schedule the motion modules denoise.
 MOTION_MODULE_BETAS = {

@@ -1,4 +1,4 @@
-"""The one small interface between the trainer and a model family (DESIGN.md §6).
+"""The one small interface between the trainer and a model family (docs/method.md §6).
 
 The trainer never asks which family it trains: a family loads teacher and student, says which
 weights train, turns a data batch into (clean latents, conditioning) and builds the diffusers pipeline
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..teacher_solver import Conditioning
+from perflow_video.method.teacher_solver import Conditioning
 
 TRAINABLE_CHOICES = ("all", "motion", "spatial")
 
@@ -113,7 +113,7 @@ class ModelFamily(ABC):
     """A model family (animatediff, sd15, sd21, sdxl)."""
 
     name: str
-    default_parameterization: str  # DESIGN.md §6
+    default_parameterization: str  # docs/method.md §6
     default_resolution: int
     is_video: bool = False
 

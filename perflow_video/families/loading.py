@@ -10,7 +10,7 @@ from pathlib import Path
 
 from diffusers import DDIMScheduler
 
-from .base import missing_weights_error
+from perflow_video.families.base import missing_weights_error
 
 TINY_PREFIX = "tiny"
 
@@ -28,7 +28,10 @@ def resolve_model_path(path: str, family: str) -> str:
     """
     if path != TINY_PREFIX:
         return path
-    from ..tiny_models import TINY_MODELS_VERSION, save_tiny_model  # only the embedded default needs them
+    from perflow_video.tiny.tiny_models import (  # only the embedded default needs them
+        TINY_MODELS_VERSION,
+        save_tiny_model,
+    )
 
     folder = tiny_cache_dir() / f"{family}-seed0-v{TINY_MODELS_VERSION}"
     if (folder / "model_index.json").is_file():

@@ -6,9 +6,16 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..teacher_solver import Conditioning
-from .base import FamilyModels, FamilySpec, ModelFamily, encode_pixels_to_latents, make_student, tokenize
-from .loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.families.base import (
+    FamilyModels,
+    FamilySpec,
+    ModelFamily,
+    encode_pixels_to_latents,
+    make_student,
+    tokenize,
+)
+from perflow_video.families.loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.method.teacher_solver import Conditioning
 
 FLAG = "model.pretrained_model_name_or_path"
 

@@ -1,4 +1,4 @@
-"""SD 1.5 (eps teacher, parameterization A, 512) and SD 2.1 (v teacher, velocity, 768): DESIGN.md §6."""
+"""SD 1.5 (eps teacher, parameterization A, 512) and SD 2.1 (v teacher, velocity, 768): docs/method.md §6."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..teacher_solver import Conditioning
-from .base import (
+from perflow_video.families.base import (
     FamilyModels,
     FamilySpec,
     ModelFamily,
@@ -18,7 +17,8 @@ from .base import (
     is_single_file,
     make_student,
 )
-from .loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.families.loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.method.teacher_solver import Conditioning
 
 logger = logging.getLogger(__name__)
 FLAG = "model.pretrained_model_name_or_path"

@@ -1,0 +1,1 @@
+"""Video files in and out: decoding frames (decord or PyAV) and writing GIF / MP4 clips."""

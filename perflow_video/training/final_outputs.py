@@ -1,0 +1,92 @@
+"""What a finished run leaves in ``--output_dir`` (README "Outputs"):
+
+* ``student/``: the student in diffusers layout (``unet/``; AnimateDiff: ``unet_motion/`` and
+  ``motion_adapter/`` on its own),
+* ``scheduler/``: the PeRFlowScheduler config that samples it,
+* ``delta_weights.safetensors``: ΔW = student - teacher for what trained, with metadata,
+* AnimateDiff with trained motion modules, for tools that read the original layout:
+  ``delta_weights_motion_original.safetensors`` (ΔW) and ``perflow_motion_module.safetensors`` (the full
+  accelerated motion module, pos_encoder included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from perflow_video.families import FamilyModels, ModelFamily
+from perflow_video.method.reflow_objective import ReflowConfig
+from perflow_video.training.config_io import to_dict
+from perflow_video.training.samples import perflow_scheduler_for
+from perflow_video.training.train_config import TrainConfig
+from perflow_video.weights.animatediff_keys import export_motion_module_original
+from perflow_video.weights.delta_weights import (
+    DeltaMetadata,
+    compute_delta_weights,
+    delta_to_layout,
+    is_motion_key,
+    save_delta_weights,
+)
+
+
+def delta_metadata(
+    family: str, cfg: TrainConfig, reflow: ReflowConfig, base_model: str, layout: str
+) -> DeltaMetadata:
+    return DeltaMetadata(
+        family=family,
+        base_model=base_model,
+        parameterization=reflow.parameterization,
+        num_time_windows=reflow.num_time_windows,
+        cfg_mode="sync" if reflow.guidance_scale == 1.0 else "fixed",
+        cfg_scale=float(reflow.guidance_scale),
+        layout=layout,
+        resolved_config=json.dumps(to_dict(cfg)),
+    )
+
+
+def write_final_outputs(
+    family: ModelFamily,
+    models: FamilyModels,
+    student: torch.nn.Module,
+    initial_weights: dict[str, torch.Tensor],
+    reflow: ReflowConfig,
+    cfg: TrainConfig,
+    out: Path,
+) -> dict[str, Path]:
+    """Write the student, its scheduler and ΔW (in every layout the family's users load).
+
+    ``initial_weights`` are the trained tensors as loaded from the teacher (fp32): ΔW = student - them.
+    """
+    written: dict[str, Path] = {}
+    family.save_student(student, str(out / "student"))
+    written["student"] = out / "student"
+    scheduler = perflow_scheduler_for(
+        models.scheduler_config, reflow.parameterization, reflow.num_time_windows
+    )
+    scheduler.save_pretrained(out / "scheduler")
+    written["scheduler"] = out / "scheduler"
+
+    student_state = {k: v.float().cpu() for k, v in student.state_dict().items()}
+    delta = compute_delta_weights(student_state, initial_weights, list(initial_weights))
+    layout = "diffusers_unet_motion" if family.is_video else "diffusers_unet"
+    base = models.base_model + (
+        f" + {models.extras['motion_adapter']}" if "motion_adapter" in models.extras else ""
+    )
+    save_delta_weights(
+        delta, out / "delta_weights.safetensors", delta_metadata(family.name, cfg, reflow, base, layout)
+    )
+    written["delta_weights"] = out / "delta_weights.safetensors"
+
+    if family.is_video and any(is_motion_key(k) for k in delta):
+        original = delta_to_layout(delta, "animatediff_original")
+        path = out / "delta_weights_motion_original.safetensors"
+        save_delta_weights(
+            original, path, delta_metadata(family.name, cfg, reflow, base, "animatediff_original")
+        )
+        written["delta_weights_motion_original"] = path
+        path = out / "perflow_motion_module.safetensors"
+        export_motion_module_original(student, path)
+        written["motion_module_original"] = path
+    return written

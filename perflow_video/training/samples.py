@@ -1,0 +1,74 @@
+"""4-step samples of the student through the family's own diffusers pipeline and our scheduler."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from perflow_video.families import FamilyModels, ModelFamily
+from perflow_video.media.video_export import export_video
+from perflow_video.scheduler import PeRFlowScheduler
+
+
+def perflow_scheduler_for(
+    teacher_scheduler_config: dict, parameterization: str, num_windows: int
+) -> PeRFlowScheduler:
+    """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas)."""
+    return PeRFlowScheduler.from_config(
+        teacher_scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "empty"
+
+
+@torch.no_grad()
+def write_samples(
+    family: ModelFamily,
+    models: FamilyModels,
+    student: torch.nn.Module,
+    scheduler: PeRFlowScheduler,
+    prompts: list[str],
+    out_dir: str | Path,
+    resolution: int,
+    num_frames: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    sample_format: str,
+    seed: int,
+) -> list[Path]:
+    """Generate one sample per prompt (same seed each time, so samples over training are comparable)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = family.pipeline(models, student, scheduler)
+    was_training = student.training
+    student.eval()
+    written = []
+    try:
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            common = dict(
+                prompt=prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+            )
+            name = f"{i:02d}_{_slug(prompt)}"
+            if family.is_video:
+                frames = pipe(**common, num_frames=num_frames, output_type="pt").frames[
+                    0
+                ]  # (F, C, H, W) in [0, 1]
+                written.append(export_video(frames.float().cpu(), out_dir / f"{name}.{sample_format}", fps=8))
+            else:
+                image = pipe(**common, output_type="pil").images[0]
+                path = out_dir / f"{name}.png"
+                image.save(path)
+                written.append(path)
+    finally:
+        student.train(was_training)
+    return written
