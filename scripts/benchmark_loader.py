@@ -3,10 +3,13 @@
 Sources are synthetic ~512x512 H.264 clips (x264 High profile with B-frames, like web video: a
 textured pattern drifting under moving shapes, 30 fps, a keyframe every --gop frames), written to a
 temporary folder. Each measurement iterates a DataLoader (batch_size=1) and times clips after a
-warm-up, so worker start-up is excluded. Prints a markdown table.
+warm-up, so worker start-up is excluded. In the main process (--workers 0) it also reports the CPU
+time per clip, which other jobs on a shared machine disturb much less than clips/s. Prints a markdown
+table whose caption names the decord distribution (decord2 or decord 0.6.0) and PyAV version.
 
     python scripts/benchmark_loader.py                        # defaults used for docs/data.md
     python scripts/benchmark_loader.py --workers 0 1 2 --clips 48
+    python scripts/benchmark_loader.py --videos 4 --workers 0 --clips 16   # short: compare CPU ms
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import platform
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from perflow_video.datasets.video_clips import VideoClipConfig, VideoClipDataset
-from perflow_video.media.video_decode import decord_available
+from perflow_video.media.video_decode import decord_available, decord_distribution
 from perflow_video.media.video_export import encode_video
 
 
@@ -47,8 +51,10 @@ def make_sources(folder: Path, count: int, frames: int, size: int, gop: int, see
         (folder / f"src_{i:02d}.txt").write_text("a red ball over a drifting texture\n")
 
 
-def measure(folder: Path, backend: str, workers: int, clips: int, warmup: int) -> float:
-    """Returns clips/s for the whole DataLoader with ``workers`` workers (0: main process)."""
+def measure(folder: Path, backend: str, workers: int, clips: int, warmup: int) -> tuple[float, float | None]:
+    """Returns clips/s for the whole DataLoader with ``workers`` workers (0: main process), and with
+    ``workers == 0`` also the CPU time per clip in ms (less sensitive than clips/s to other jobs on
+    the machine; ``None`` with workers, whose CPU time is not seen from here)."""
     config = VideoClipConfig(
         folder=str(folder), num_frames=16, resolution=384, sample_stride=4, backend=backend
     )
@@ -56,12 +62,14 @@ def measure(folder: Path, backend: str, workers: int, clips: int, warmup: int) -
     indices = np.resize(np.random.default_rng(0).permutation(len(dataset)), warmup + clips).tolist()
     prefetch = 4 if workers else None  # keep workers busy; the main process only collects
     loader = DataLoader(dataset, batch_size=1, sampler=indices, num_workers=workers, prefetch_factor=prefetch)
-    start = None
+    start = cpu_start = None
     for n, batch in enumerate(loader):
         assert batch["pixel_values"].shape == (1, 16, 3, 384, 384)
         if n + 1 == warmup:
-            start = time.perf_counter()
-    return clips / (time.perf_counter() - start)
+            start, cpu_start = time.perf_counter(), time.process_time()
+    rate = clips / (time.perf_counter() - start)
+    cpu_ms = (time.process_time() - cpu_start) / clips * 1000 if workers == 0 else None
+    return rate, cpu_ms
 
 
 def main() -> None:
@@ -89,22 +97,26 @@ def main() -> None:
         print(f"generated {args.videos} sources in {time.perf_counter() - t0:.1f}s")
         for backend in backends:
             for workers in args.workers:
-                rate = measure(Path(tmp), backend, workers, args.clips, args.warmup)
+                rate, cpu_ms = measure(Path(tmp), backend, workers, args.clips, args.warmup)
                 per_worker = rate / max(workers, 1)
-                rows.append((backend, workers, rate, per_worker))
+                rows.append((backend, workers, rate, per_worker, cpu_ms))
                 print(f"{backend} workers={workers}: {rate:.2f} clips/s", flush=True)
     print()
     print(
         f"Sources: {args.videos} x {args.frames} frames, {args.size}x{args.size} H.264 (crf 23, keyframe every "
         f"{args.gop}), 30 fps; output 16x3x384x384, stride 4. Machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch thread(s) per worker."
+        f"{torch.get_num_threads()} torch thread(s) per worker; {' '.join(decord_distribution() or ('no decord',))}, PyAV {version('av')}."
     )
     print()
-    print("| backend | DataLoader workers | clips/s (total) | clips/s per worker | ms per clip per worker |")
-    print("|---|---|---|---|---|")
-    for backend, workers, rate, per_worker in rows:
+    print(
+        "| backend | DataLoader workers | clips/s (total) | clips/s per worker | ms per clip per worker "
+        "| CPU ms per clip |"
+    )
+    print("|---|---|---|---|---|---|")
+    for backend, workers, rate, per_worker, cpu_ms in rows:
         label = "0 (main process)" if workers == 0 else str(workers)
-        print(f"| {backend} | {label} | {rate:.2f} | {per_worker:.2f} | {1000 / per_worker:.0f} |")
+        cpu = "-" if cpu_ms is None else f"{cpu_ms:.0f}"
+        print(f"| {backend} | {label} | {rate:.2f} | {per_worker:.2f} | {1000 / per_worker:.0f} | {cpu} |")
 
 
 if __name__ == "__main__":

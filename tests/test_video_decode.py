@@ -17,6 +17,7 @@ from perflow_video.media.video_decode import (
     PyAVReader,
     VideoDecodeError,
     decord_available,
+    decord_distribution,
     open_video,
     probe_video,
     read_frames,
@@ -24,6 +25,8 @@ from perflow_video.media.video_decode import (
 from perflow_video.media.video_export import encode_video, write_gif
 
 needs_decord = pytest.mark.skipif(not decord_available(), reason="decord has no wheel on this platform")
+# decord 0.6.0 (the unmaintained original) rather than decord2, which also imports as ``decord``.
+LEGACY_DECORD = (decord_distribution() or ("",))[0] == "decord"
 
 
 def numbered_frames(n: int, h: int, w: int) -> np.ndarray:
@@ -44,8 +47,8 @@ def full_decode(path) -> np.ndarray:
 
 
 def encode_vp9_in_subprocess(frames: np.ndarray, path) -> None:
-    """VP9 in a fresh interpreter: once decord is loaded (it bundles its own FFmpeg), PyAV's libvpx
-    encoders fail to open in that process, and other tests here load decord."""
+    """VP9 in a fresh interpreter: with decord 0.6.0 loaded before PyAV (its bundled FFmpeg), PyAV's
+    libvpx encoders fail to open in that process, and other tests here load decord."""
     npy = f"{path}.npy"
     np.save(npy, frames)
     code = (
@@ -118,7 +121,8 @@ def test_decord_and_pyav_return_the_same_frames(video):
 
 
 def test_auto_backend_covers_widths_decord_get_batch_trips_on(tmp_path):
-    # decord 0.6.0's get_batch fails on e.g. 48-pixel-wide frames; "auto" then reads them with PyAV.
+    # decord's get_batch fails on e.g. 48-pixel-wide frames (0.6.0 and decord2 3.4.0 alike: "The size
+    # must exactly match"); "auto" then reads them with PyAV.
     path = encode_video(numbered_frames(10, 64, 48), tmp_path / "narrow.mp4", fps=8)
     np.testing.assert_array_equal(read_frames(path, [1, 7], backend="auto"), full_decode(path)[[1, 7]])
 
@@ -127,9 +131,42 @@ def test_gif_reads_with_auto_backend(tmp_path):
     path = write_gif(numbered_frames(12, 40, 56), tmp_path / "clip.gif", fps=10)
     info = probe_video(path)
     assert (info.num_frames, info.height, info.width) == (12, 40, 56)
-    frames = read_frames(path, [0, 11], backend="auto")  # decord cannot open GIFs: PyAV takes over
+    frames = read_frames(path, [0, 11], backend="auto")  # decord 0.6.0 cannot open GIFs: PyAV takes over
     assert frames.shape == (2, 40, 56, 3)
     np.testing.assert_array_equal(frames, full_decode(path)[[0, 11]])
+
+
+@needs_decord
+@pytest.mark.skipif(LEGACY_DECORD, reason="decord 0.6.0 cannot open GIFs ('auto' reads them with PyAV)")
+def test_decord2_reads_gif(tmp_path):
+    path = write_gif(numbered_frames(12, 40, 56), tmp_path / "clip.gif", fps=10)
+    np.testing.assert_array_equal(
+        read_frames(path, [0, 5, 11], backend="decord"), full_decode(path)[[0, 5, 11]]
+    )
+
+
+@needs_decord
+@pytest.mark.xfail(LEGACY_DECORD, strict=True, reason="decord 0.6.0's bundled FFmpeg breaks libvpx in PyAV")
+@pytest.mark.parametrize("codec", ["libvpx", "libvpx-vp9"])
+def test_pyav_vpx_encoder_works_after_importing_decord(tmp_path, codec):
+    if codec not in av.codecs_available:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    # A fresh interpreter that loads decord before PyAV: the order in which decord 0.6.0 breaks it.
+    code = (
+        "import sys, decord, av, numpy as np\n"
+        "with av.open(sys.argv[1], 'w') as c:\n"
+        "    s = c.add_stream(sys.argv[2], rate=8)\n"
+        "    s.width, s.height, s.pix_fmt = 64, 48, 'yuv420p'\n"
+        "    for f in np.zeros((4, 48, 64, 3), np.uint8):\n"
+        "        c.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))\n"
+        "    c.mux(s.encode(None))\n"
+    )
+    path = tmp_path / "out.webm"
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path), codec], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr[-500:]
+    assert full_decode(path).shape == (4, 48, 64, 3)
 
 
 @pytest.mark.parametrize(
@@ -245,9 +282,21 @@ def test_unknown_backend_and_empty_indices(tmp_path):
 def test_without_decord_auto_uses_pyav_and_decord_is_a_clear_error(tmp_path, monkeypatch):
     import perflow_video.media.video_decode as vd
 
-    monkeypatch.setattr(vd, "decord_available", lambda: False)  # as on aarch64 / macOS arm64
+    monkeypatch.setattr(vd, "decord_available", lambda: False)  # as on macOS x86_64 (no decord2 wheel)
     path = _write_faststart(tmp_path / "a.mp4", n=8)
     with vd.open_video(path, backend="auto") as reader:
         assert isinstance(reader, PyAVReader) and reader.get_frames([7]).shape == (1, 48, 64, 3)
     with pytest.raises(ImportError, match="decord is not installed"):
         vd.open_video(path, backend="decord")
+
+
+def test_a_decord_folder_left_without_its_package_counts_as_missing(monkeypatch):
+    import importlib.machinery
+
+    import perflow_video.media.video_decode as vd
+
+    # What `pip uninstall decord` leaves when decord2 was installed over decord 0.6.0 (they share
+    # site-packages/decord/): a namespace package without VideoReader. "auto" must use PyAV then.
+    namespace = importlib.machinery.ModuleSpec("decord", None, is_package=True)
+    monkeypatch.setattr(vd.importlib.util, "find_spec", lambda name: namespace)
+    assert not vd.decord_available() and vd.resolve_backend("auto") == "pyav"

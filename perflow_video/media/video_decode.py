@@ -1,4 +1,7 @@
-"""Video decoding behind one small interface: decord (fast, x86_64 wheels) or PyAV (everywhere).
+"""Video decoding behind one small interface: decord or PyAV (everywhere).
+
+"decord" is the ``decord`` module, installed from the ``decord2`` distribution (maintained; wheels for
+Linux x86_64 / aarch64, Windows x86_64, macOS 14+ arm64) or from the unmaintained ``decord`` 0.6.0.
 
 Both backends index frames the same way: frame ``i`` is the ``i``-th video packet in presentation
 order, and both convert to RGB with FFmpeg's swscale, so they return identical frames for the same
@@ -16,6 +19,7 @@ and decodes the whole file, counting the frames the decoder really produces (use
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -100,13 +104,27 @@ class VideoReader:
 
 
 def decord_available() -> bool:
-    """True if decord is installed (wheels exist for Linux/Windows x86_64 only).
+    """True if the ``decord`` module is installed (from ``decord2`` or ``decord`` 0.6.0).
 
-    Looks the module up without importing it: decord bundles its own FFmpeg, and once it is loaded
-    PyAV's libvpx (VP8/VP9) encoders fail to open in the same process, so it is imported only when a
-    decord reader is actually opened.
+    Looks the module up without importing it, and decord is imported only when a decord reader is
+    opened: decord 0.6.0 bundles an FFmpeg that, when loaded before PyAV's, makes PyAV's libvpx
+    (VP8/VP9) encoders fail to open in the same process (decord2 3.4.0 does not; docs/data.md).
+    A ``decord/`` folder left without its ``__init__.py`` (``pip uninstall decord`` run after
+    installing decord2, which shares that folder) counts as not installed.
     """
-    return importlib.util.find_spec("decord") is not None
+    spec = importlib.util.find_spec("decord")
+    return spec is not None and spec.origin is not None
+
+
+def decord_distribution() -> tuple[str, str] | None:
+    """``(distribution, version)`` of the installed decord: ``("decord2", "3.4.0")``,
+    ``("decord", "0.6.0")``, or ``None`` if neither is installed."""
+    for dist in ("decord2", "decord"):
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def _check_file(path: str) -> None:
@@ -332,7 +350,10 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "decord" if decord_available() else "pyav"
     if backend == "decord" and not decord_available():
-        raise ImportError("backend='decord' but decord is not installed (no wheel here?); use 'pyav'")
+        raise ImportError(
+            "backend='decord' but decord is not installed (pip install decord2; no wheel for this "
+            "platform?); use 'pyav'"
+        )
     return backend
 
 
@@ -344,7 +365,7 @@ def open_video(
     Args:
         path: Video file.
         backend: ``"decord"``, ``"pyav"`` or ``"auto"`` (decord if installed, PyAV for any file or
-            read decord fails on, e.g. GIF).
+            read decord fails on: H.264 at some widths, e.g. 48 px, and GIF with decord 0.6.0).
         threads: Decoder threads; keep 1 inside DataLoader workers (the workers are the parallelism).
         info: A probe to reuse (saves one demux pass).
 
@@ -366,7 +387,8 @@ def open_video(
 
 
 class _FallbackReader(VideoReader):
-    """decord first; PyAV for what decord fails on (GIF, ``get_batch`` errors on some frame widths)."""
+    """decord first; PyAV for what decord fails on: ``get_batch`` errors on some frame widths (16, 24,
+    48, 72 px, decord 0.6.0 and decord2 3.4.0 alike) and files it cannot open (GIF with decord 0.6.0)."""
 
     def __init__(self, path: str, info: VideoInfo, threads: int):
         self._pyav = PyAVReader(path, info, threads)
