@@ -5,8 +5,12 @@ It drives diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipelin
 checkpoints (same keys; ``prediction_type="epsilon"`` is the old name of ``diff_eps``).
 
 ``set_timesteps(n)``: n steps over the K windows, the first ``n mod K`` windows get one extra step;
-inside a window the points are ``linspace(t_s, t_e, m, endpoint=False)`` and ``tau = int(1000 t)``.
-For K = 4: n = 4 -> [1000, 750, 500, 250]; n = 8 -> [1000, 875, ..., 125].
+inside a window the points are ``linspace(t_s, t_e, m, endpoint=False)`` in float64 and the timesteps
+are their truncation ``(1000 t).astype(int64)``, exactly the official PeRFlow scheduler's rule (no float
+slack: t = 0.2 from ``linspace(1, 0, 5)`` is 0.19999... and gives 199; :func:`perflow_timesteps`).
+For K = 4: n = 4 -> [1000, 750, 500, 250]; n = 8 -> [1000, 875, ..., 125]; K = 1, n = 5 ->
+[1000, 800, 600, 399, 199]. A truncated timestep is never above its point, so it stays in the window
+it was generated in, and ``step`` finds the window from the timestep's value as the official code does.
 
 ``n < K`` (fewer steps than windows): we run exactly the n steps asked for, at
 ``t = 1 - j / n`` (j = 0 ... n-1), each an Euler step of the velocity of the window the current
@@ -17,6 +21,13 @@ silently forced n = K instead.
 ``step``: the prediction becomes the window velocity with paper eq. 6 (or is the velocity), then
 Euler ``z_next = z + (tau_next - tau) / 1000 * v`` (tau_next = 0 after the last step).
 Classifier-free guidance is applied to the prediction before ``step`` (equivalent to CFG on v).
+
+``from_config``: a teacher's DDIM / PNDM / ... config says ``prediction_type="epsilon"`` about the
+*teacher*; it does not say which PeRFlow parameterization the student was trained with. Converting
+such a (non-PeRFlow) config therefore requires ``prediction_type=`` to be named, and raises otherwise
+instead of silently turning "epsilon" into ``diff_eps`` (docs/method.md §7). A PeRFlow config (it
+has ``num_time_windows`` or ``_class_name`` PeRFlowScheduler) keeps its own value, so the released
+configs with the legacy ``"epsilon"`` still load as ``diff_eps``.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from diffusers.utils import BaseOutput
 
 from perflow_video.method.noise_schedule import make_alphas_cumprod
 from perflow_video.method.parameterization import canonical_prediction_type, get_parameterization
-from perflow_video.method.time_windows import abar_at, time_of_timestep, timestep_of_time, window_of_time
+from perflow_video.method.time_windows import abar_at, time_of_timestep, window_of_time
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +63,40 @@ class PeRFlowSchedulerOutput(BaseOutput):
 
 
 def perflow_time_points(num_inference_steps: int, num_windows: int) -> np.ndarray:
-    """The sampling times t (float64, decreasing from 1) of docs/method.md §4, including the n < K rule."""
-    n, K = num_inference_steps, num_windows
+    """The sampling times t (float64, decreasing from 1) of docs/method.md §4, including the n < K rule.
+
+    The window edges are computed as the official scheduler computes them, t_s = (K - k) / K and
+    t_e = (K - k - 1) / K (not 1 - k / K, which can differ in the last bit), so that the points are
+    bit-identical to its ``np.linspace`` points.
+    """
+    n, K = int(num_inference_steps), int(num_windows)
     if n < K:
         return np.linspace(1.0, 0.0, n, endpoint=False)
     points = []
     for k in range(K):
         m = n // K + (1 if k < n % K else 0)
-        t_s, t_e = 1.0 - k / K, 1.0 - (k + 1) / K
+        t_s, t_e = (K - k) / K, (K - k - 1) / K
         points.append(np.linspace(t_s, t_e, m, endpoint=False))
     return np.concatenate(points)
+
+
+def perflow_timesteps(
+    num_inference_steps: int, num_windows: int, num_train_timesteps: int = 1000
+) -> np.ndarray:
+    """The integer timesteps of ``set_timesteps`` (int64, decreasing from N): the official PeRFlow rule.
+
+    ``(perflow_time_points(n, K) * N).astype(int64)``: plain truncation of the float64 points, with none
+    of the slack ``time_windows.timestep_of_time`` allows for float32 training draws. So a point that
+    float64 puts just below a round value goes one down: K = 1, n = 5 gives [1000, 800, 600, 399, 199]
+    (numpy's 1 + 3 * (-0.2) is 0.3999... in float64). Truncation never raises a timestep above its
+    point, so each one stays in the window it was generated in (checked in tests/test_scheduler.py).
+    """
+    return (perflow_time_points(num_inference_steps, num_windows) * num_train_timesteps).astype(np.int64)
+
+
+def _is_perflow_config(config: dict) -> bool:
+    """Whether a scheduler config was written by / for a PeRFlowScheduler (ours or the released one)."""
+    return config.get("_class_name") == "PeRFlowScheduler" or "num_time_windows" in config
 
 
 class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
@@ -109,9 +144,35 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         # Placeholder until set_timesteps (step() refuses to run before it): one step per window.
-        self.timesteps = timestep_of_time(
-            torch.from_numpy(perflow_time_points(num_time_windows, num_time_windows)), num_train_timesteps
+        self.timesteps = torch.from_numpy(
+            perflow_timesteps(num_time_windows, num_time_windows, num_train_timesteps)
         )
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, refusing to guess the parameterization from a foreign config.
+
+        A non-PeRFlow config (a teacher's DDIM / PNDM / Euler ... config) must be converted with an
+        explicit ``prediction_type=`` (``ddim_eps``, ``diff_eps`` or ``velocity``): its own
+        ``prediction_type`` describes the teacher, and inheriting ``"epsilon"`` would silently make a
+        ``ddim_eps`` student a ``diff_eps`` one. PeRFlow configs keep their own value (legacy
+        ``"epsilon"`` = ``diff_eps``).
+
+        Raises:
+            ValueError: non-PeRFlow config and no ``prediction_type`` given.
+        """
+        if kwargs.get("prediction_type", "") is None:
+            kwargs.pop("prediction_type")
+        if isinstance(config, dict) and "prediction_type" not in kwargs and not _is_perflow_config(config):
+            source = config.get("_class_name") or "non-PeRFlow scheduler"
+            raise ValueError(
+                f"PeRFlowScheduler.from_config: this is a {source} config (prediction_type="
+                f"{config.get('prediction_type')!r} describes the teacher, not the PeRFlow student). "
+                "Name the student's parameterization: from_config(config, prediction_type='ddim_eps' | "
+                "'diff_eps' | 'velocity', num_time_windows=K) — e.g. 'ddim_eps' for AnimateDiff and SDXL, "
+                "'diff_eps' for the released PeRFlow-SD1.5, 'velocity' for SD2.1 (docs/method.md §6, §7)."
+            )
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def scale_model_input(
         self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None
@@ -135,7 +196,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 n,
                 K,
             )
-        taus = timestep_of_time(torch.from_numpy(perflow_time_points(n, K)), N)
+        taus = torch.from_numpy(perflow_timesteps(n, K, N))
         if torch.unique(taus).numel() != taus.numel():
             raise ValueError(f"{n} steps over {K} windows put two steps on the same integer timestep")
         self.num_inference_steps = n

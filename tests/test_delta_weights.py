@@ -105,14 +105,30 @@ def _meta(layout: str = "diffusers_unet_motion") -> DeltaMetadata:
 # ---------------------------------------------------------------------------------------------- compute
 
 
+def _buffer_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys that are buffers (the motion modules' sinusoidal ``pos_embed.pe`` tables)."""
+    return set(module.state_dict()) - {k for k, _ in module.named_parameters()}
+
+
 def test_delta_roundtrip_reconstructs_student(models, full_delta):
     _, _, teacher, student = models
     assert all(v.dtype == torch.float32 for v in full_delta.values())
-    assert not any(k.endswith("pos_embed.pe") for k in full_delta)
     fresh = copy.deepcopy(teacher)
     report = apply_delta_weights(fresh, full_delta)
     assert report.num_applied == len(full_delta) and report.num_skipped == 0
     _assert_states_close(fresh.state_dict(), student.state_dict())
+
+
+def test_buffers_never_enter_a_delta_even_when_the_keys_come_from_a_state_dict(models, full_delta):
+    """Key lists built from a state dict (not from parameters) contain the ``pos_embed.pe`` buffers; they
+    must still be left out (a ΔW entry for them breaks loading into a module of another max length)."""
+    _, _, teacher, student = models
+    buffers = _buffer_keys(student)
+    assert buffers and all(k.endswith("pos_embed.pe") for k in buffers)  # the test has something to catch
+    state_keys = list(student.state_dict())
+    delta = compute_delta_weights(student.state_dict(), teacher.state_dict(), state_keys)
+    assert not buffers & set(delta)
+    assert delta.keys() == full_delta.keys()  # exactly the parameters
 
 
 def test_delta_only_covers_trainable_keys(models):
@@ -120,17 +136,21 @@ def test_delta_only_covers_trainable_keys(models):
     student = copy.deepcopy(teacher)
     student.freeze_unet2d_params()  # motion modules train, the spatial UNet is frozen
     _perturb(student, 12, only_trainable=True)
+    expected = {k for k, p in student.named_parameters() if _is_motion(k)}
     delta = compute_delta_weights(
         student.state_dict(), teacher.state_dict(), trainable_parameter_names(student)
     )
-    assert delta and all(_is_motion(k) for k in delta)
-    assert not any(k.endswith("pos_embed.pe") for k in delta)
-    expected = {k for k, p in student.named_parameters() if _is_motion(k)}
+    assert delta and set(delta) == expected
+    # "the motion module's keys" taken from the state dict include its buffers: still only parameters
+    motion_state_keys = [k for k in student.state_dict() if _is_motion(k)]
+    assert set(motion_state_keys) & _buffer_keys(student)
+    delta = compute_delta_weights(student.state_dict(), teacher.state_dict(), motion_state_keys)
     assert set(delta) == expected
 
 
 def test_delta_without_trainable_keys_excludes_buffers(models):
     _, _, teacher, student = models
+    assert _buffer_keys(student)  # None means "every state-dict key", buffers included
     delta = compute_delta_weights(student.state_dict(), teacher.state_dict(), None)
     assert set(delta) == {k for k, _ in student.named_parameters()}
 

@@ -42,7 +42,19 @@ def test_the_set_depends_on_the_seed_but_not_on_how_it_is_batched():
     a, b, c = targets(0, 4), targets(0, 3), targets(1, 4)
     assert torch.equal(a, b)  # batches of 4 or 3 (or processes): the same draws per item
     assert not torch.allclose(a, c)
-    assert not any(d.targets.target.requires_grad for d in draws_for(teacher, cfg))
+
+
+def test_fixed_targets_carry_no_graph_even_from_a_trainable_teacher():
+    """The stored targets must not keep the teacher's graph alive (memory) nor pass gradients back to it.
+    The teacher has trainable parameters here (the mixture teacher has none, so it could not tell)."""
+    teacher = ToyStudent().double()
+    assert all(p.requires_grad for p in teacher.parameters())
+    draws = draws_for(teacher, ReflowConfig(solver_steps=2))
+    for d in draws:
+        for name in ("z_t", "target", "weight"):
+            tensor = getattr(d.targets, name)
+            assert not tensor.requires_grad and tensor.grad_fn is None, name
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "endpoint"])

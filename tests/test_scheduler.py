@@ -6,11 +6,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, PNDMScheduler
 
 from perflow_video.method.noise_schedule import make_alphas_cumprod
 from perflow_video.method.teacher_solver import Conditioning, solve_window
 from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.tiny.tiny_models import tiny_scheduler
 from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher, TeacherAsStudent
 
 
@@ -33,6 +34,74 @@ def test_design_timestep_tables(n, expected):
     s = PeRFlowScheduler(num_time_windows=4)
     s.set_timesteps(n)
     assert s.timesteps.tolist() == expected
+
+
+def official_timesteps(n: int, K: int) -> list[int]:
+    """The official PeRFlow ``set_timesteps`` (n >= K), restated: window starts ``1.*i/K`` (i = K ... 1),
+    ends the next start (0 for the last), ``np.linspace(t_s, t_e, m, endpoint=False)`` per window with
+    the first ``n % K`` windows one step longer, then ``(t * 1000).astype(np.int64)``."""
+    starts = [1.0 * i / K for i in range(1, K + 1)][::-1]
+    ends = starts[1:] + [0]
+    parts = [
+        np.linspace(starts[i], ends[i], num=n // K + (1 if i < n % K else 0), endpoint=False)
+        for i in range(K)
+    ]
+    return (np.concatenate(parts) * 1000).astype(np.int64).tolist()
+
+
+def official_window(timestep: int, K: int) -> int:
+    """The official ``Time_Windows.get_window`` on t = timestep / 1000: first window whose end t is above
+    by more than a tenth of a timestep."""
+    ends = [1.0 * i / K for i in range(1, K + 1)][::-1][1:] + [0]
+    tp, idx = timestep / 1000, 0
+    while tp - 0.1 / 1000 <= ends[idx]:
+        idx += 1
+    return idx
+
+
+def test_timesteps_equal_the_official_rule_for_every_k_and_n():
+    """Official: float64 points truncated with no slack. 263 of these 955 lists once differed by +1."""
+    for K in range(1, 11):
+        s = PeRFlowScheduler(num_time_windows=K)
+        for n in range(K, 101):
+            s.set_timesteps(n)
+            assert s.timesteps.dtype == torch.int64
+            assert s.timesteps.tolist() == official_timesteps(n, K), (K, n)
+
+
+@pytest.mark.parametrize(
+    "K, n, expected",
+    [
+        (1, 5, [1000, 800, 600, 399, 199]),
+        (2, 10, [1000, 900, 800, 700, 600, 500, 400, 300, 199, 99]),
+        (4, 20, [1000, 950, 900, 850, 800, 750, 700, 650, 600, 550, 500, 450, 400, 350, 300, 250, 200, 150, 99, 49]),
+        (3, 3, [1000, 666, 333]),
+    ],
+)  # fmt: skip
+def test_truncation_examples(K, n, expected):
+    s = PeRFlowScheduler(num_time_windows=K)
+    s.set_timesteps(n)
+    assert s.timesteps.tolist() == expected
+
+
+def test_every_truncated_timestep_is_stepped_in_the_window_it_was_generated_in():
+    """Truncation lowers a point by < 1 timestep, so it stays in its window ([t_s, t_e), t_e excluded).
+    ``step`` must find that window from the value, as the official lookup does: with the velocity type,
+    v = 1 and z = 0, ``pred_window_end`` = z + (t_e - t) v exposes the t_e it used."""
+    z, v = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    for K in range(1, 11):
+        s = PeRFlowScheduler(num_time_windows=K, prediction_type="velocity")
+        stepped = set()  # the window depends on (K, tau) only: step each value once (~6k steps, not ~48k)
+        for n in range(K, 101):
+            s.set_timesteps(n)
+            generated = [k for k in range(K) for _ in range(n // K + (1 if k < n % K else 0))]
+            for tau, k in zip(s.timesteps.tolist(), generated, strict=True):
+                assert official_window(tau, K) == k, (K, n, tau)
+                if tau in stepped:
+                    continue
+                stepped.add(tau)
+                t_e_used = s.step(v, tau, z).pred_window_end.item() + tau / 1000
+                assert t_e_used == pytest.approx((K - k - 1) / K, abs=1e-12), (K, n, tau)
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
@@ -80,8 +149,10 @@ def design_step(prediction_type, K, abar, model_output, tau, tau_next, z):
 
 
 @pytest.mark.parametrize("prediction_type", ["ddim_eps", "diff_eps", "velocity"])
-@pytest.mark.parametrize("K", [1, 2, 4])
-@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 10])
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "n", [1, 3, 4, 5, 8, 10, 20]
+)  # K=1 n=5, K=2 n=10, K=4 n=20: truncated 399 / 199 / 99 / 49
 def test_step_matches_design_formula(prediction_type, K, n):
     s = PeRFlowScheduler(num_time_windows=K, prediction_type=prediction_type, beta_schedule="linear")
     abar = s.alphas_cumprod.double()
@@ -119,6 +190,41 @@ def test_from_animatediff_ddim_config_uses_teachers_linear_betas():
     torch.testing.assert_close(s.alphas_cumprod, DDIMScheduler.from_config(cfg).alphas_cumprod)
     with pytest.raises(ValueError, match="v_prediction"):
         PeRFlowScheduler.from_config(cfg, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("family", ["sd15", "animatediff"])
+def test_from_a_teachers_config_without_prediction_type_refuses_to_guess(family, tmp_path):
+    """A teacher's DDIM config says prediction_type="epsilon" about the *teacher*; inheriting it used to
+    make every converted scheduler ``diff_eps`` silently, wrong for a ``ddim_eps`` student."""
+    cfg = tiny_scheduler(family).config
+    assert cfg["prediction_type"] == "epsilon"
+    with pytest.raises(ValueError, match=r"prediction_type=.*'ddim_eps'") as err:
+        PeRFlowScheduler.from_config(cfg, num_time_windows=4)
+    assert "teacher" in str(err.value)
+    # the same through from_pretrained of a teacher's saved scheduler folder, and for another class
+    tiny_scheduler(family).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="DDIMScheduler config"):
+        PeRFlowScheduler.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="prediction_type"):
+        PeRFlowScheduler.from_config(PNDMScheduler(prediction_type="epsilon").config)
+    with pytest.raises(ValueError, match="prediction_type"):
+        PeRFlowScheduler.from_config(cfg, prediction_type=None)
+    # naming it is the documented path, and it wins over the teacher's value
+    for name in ("ddim_eps", "diff_eps"):
+        assert PeRFlowScheduler.from_config(cfg, prediction_type=name).config.prediction_type == name
+        assert PeRFlowScheduler.from_pretrained(tmp_path, prediction_type=name).config.prediction_type == name
+
+
+def test_perflow_configs_keep_their_own_prediction_type(tmp_path):
+    """Our saved configs, released ones (legacy "epsilon", no _class_name) and a _class_name-only one."""
+    s = PeRFlowScheduler(num_time_windows=3, prediction_type="ddim_eps")
+    assert PeRFlowScheduler.from_config(s.config).config.prediction_type == "ddim_eps"
+    s.save_pretrained(tmp_path)
+    assert PeRFlowScheduler.from_pretrained(tmp_path).config.prediction_type == "ddim_eps"
+    released = {"prediction_type": "epsilon", "num_time_windows": 4, "beta_schedule": "scaled_linear"}
+    assert PeRFlowScheduler.from_config(released).config.prediction_type == "diff_eps"
+    named = {"_class_name": "PeRFlowScheduler", "prediction_type": "velocity"}
+    assert PeRFlowScheduler.from_config(named).config.prediction_type == "velocity"
 
 
 def test_add_noise_uses_abar_at_tau_minus_one():

@@ -11,6 +11,7 @@ by :mod:`perflow_video.tiny.tiny_models`. The tests check
 4. the teacher's (AnimateDiff: linear) noise schedule and the save / load round trip of a pipeline folder.
 """
 
+import functools
 import json
 import logging
 import math
@@ -81,6 +82,40 @@ def record_steps(pipe) -> list[dict]:
 
     pipe.scheduler.step = step
     return calls
+
+
+def record_vae_decode(pipe) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Wrap ``pipe.vae.decode`` (on the instance) to record its input latents and its raw, unclamped output."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    original = pipe.vae.decode
+
+    def decode(z, *args, **kwargs):
+        out = original(z, *args, **kwargs)
+        inputs.append(z.clone())
+        outputs.append((out[0] if isinstance(out, tuple) else out.sample).clone())
+        return out
+
+    pipe.vae.decode = decode
+    return inputs, outputs
+
+
+@functools.cache
+def teacher_ddim_latent_std(family: str) -> float:
+    """std of the final latent of the family's tiny *teacher* pipeline, diffusers' DDIM (trailing, 4 steps),
+    same prompt and seed as test_pipeline_runs_on_design_timesteps: the scale an untrained student
+    (θ = φ) sampled with PeRFlow must land on."""
+    pipe = tiny_pipeline(family)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    out = pipe(
+        "a red ball moving left",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **size_kwargs(family),
+    )
+    return float((out.frames if family == "animatediff" else out.images).std())
 
 
 def check_steps_follow_design(calls: list[dict], family: str, K: int = 4) -> None:
@@ -232,6 +267,7 @@ def test_pipeline_runs_on_design_timesteps(family, n, caplog):
     assert isinstance(pipe.scheduler, PeRFlowScheduler)
     assert pipe.scheduler.config.prediction_type == PARAMETERIZATION[family]
     calls = record_steps(pipe)
+    decode_inputs, decoded = record_vae_decode(pipe)
     seen = []
 
     def on_step_end(pipeline, i, t, callback_kwargs):
@@ -268,8 +304,19 @@ def test_pipeline_runs_on_design_timesteps(family, n, caplog):
     else:
         result = out.images
         assert result.shape == (1, 3, side, side)
-    assert torch.isfinite(result).all() and torch.isfinite(calls[-1]["prev"]).all()
-    assert 0.0 <= result.min() and result.max() <= 1.0  # postprocessed to [0, 1]
+    # Checked before diffusers' clamp to [0, 1] (which would hide a diverged or collapsed sample):
+    # the VAE decodes exactly the scheduler's last latent, the output is that decode clamped and nothing
+    # else, and the latent itself is on the scale of the teacher's own DDIM endpoint (untrained student).
+    final = calls[-1]["prev"]
+    assert torch.isfinite(final).all()
+    sf = pipe.vae.config.scaling_factor
+    if family == "animatediff":  # AnimateDiffPipeline decodes frame by frame: (B·F, C, H, W)
+        final = final.permute(0, 2, 1, 3, 4).reshape(-1, *final.shape[1:2], *final.shape[-2:])
+    torch.testing.assert_close(torch.cat(decode_inputs), final / sf, rtol=1e-6, atol=1e-6)  # 1/sf * z or z/sf
+    raw = torch.cat(decoded)
+    torch.testing.assert_close(result.reshape(raw.shape), (raw / 2 + 0.5).clamp(0, 1), rtol=1e-6, atol=1e-6)
+    ratio = float(final.std()) / teacher_ddim_latent_std(family)
+    assert 1 / 3 < ratio < 3, f"final latent std is {ratio:.3g} x the teacher DDIM's"
 
 
 def test_animatediff_pipeline_eight_frames_latent_output():
