@@ -43,7 +43,12 @@ from diffusers.utils import BaseOutput
 
 from perflow_video.method.noise_schedule import make_alphas_cumprod
 from perflow_video.method.parameterization import canonical_prediction_type, get_parameterization
-from perflow_video.method.time_windows import abar_at, time_of_timestep, window_of_time
+from perflow_video.method.time_windows import (
+    abar_at,
+    sampling_timestep_of_time,
+    time_of_timestep,
+    window_of_time,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +96,9 @@ def perflow_timesteps(
     (numpy's 1 + 3 * (-0.2) is 0.3999... in float64). Truncation never raises a timestep above its
     point, so each one stays in the window it was generated in (checked in tests/test_scheduler.py).
     """
-    return (perflow_time_points(num_inference_steps, num_windows) * num_train_timesteps).astype(np.int64)
+    return sampling_timestep_of_time(
+        perflow_time_points(num_inference_steps, num_windows), num_train_timesteps
+    )
 
 
 def _is_perflow_config(config: dict) -> bool:

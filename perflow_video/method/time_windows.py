@@ -9,11 +9,14 @@
 * abar at a time: abar[int(N t) - 1], clamped to index 0 at t = 0. The *teacher* network is evaluated
   at that same discrete index (the noise level it was trained on).
 
-Every conversion between continuous time and diffusers' integer timesteps lives in this file.
+Every conversion between continuous time and diffusers' integer timesteps lives in this file: training
+draws go through ``timestep_of_time`` (with a float slack, so a float32 draw of 0.75 is 750), the
+sampler's float64 grid through ``sampling_timestep_of_time`` (plain truncation, the official rule).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Float slack for "exact" grid values: 0.7 in float32 is 0.69999998808, and int(1000 * t) would say 699.
@@ -57,6 +60,16 @@ def window_of_time(
 def timestep_of_time(t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """diffusers timestep tau = int(N t) of a time (t = 1 -> N, t = 0 -> 0). Long tensor."""
     return torch.floor(t.double() * num_train_timesteps + _TIMESTEP_SLACK).long()
+
+
+def sampling_timestep_of_time(t: np.ndarray, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The sampler's timesteps of float64 grid points: ``(N t).astype(int64)``, plain truncation.
+
+    Exactly the official PeRFlow scheduler's rule, with none of ``timestep_of_time``'s slack: a point
+    that float64 puts just below a round value goes one down (0.19999... -> 199), as released
+    checkpoints were sampled (docs/method.md §4).
+    """
+    return (np.asarray(t, dtype=np.float64) * num_train_timesteps).astype(np.int64)
 
 
 def time_of_timestep(tau: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
