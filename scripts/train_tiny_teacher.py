@@ -1,0 +1,782 @@
+"""Train the tiny text-to-video teacher (AnimateDiff classes, shrunk) on shape-world clips, on a CPU.
+
+One command does everything, in two stages, and resumes by itself when run again with the same --out:
+
+1. VAE: fits the ``AutoencoderKL`` (factor 4, 4 latent channels) on shape-world frames, measures its
+   reconstruction PSNR and the probe's accuracy on reconstructions, sets ``scaling_factor`` = 1 / latent std,
+   and stores it in ``<out>/training/vae/``.
+2. Teacher: trains the ``CLIPTextModel`` and the ``UNetMotionModel`` jointly with the epsilon objective on
+   AnimateDiff's linear-beta schedule (1000 steps), prompts balanced over the 66 training prompts and
+   dropped to "" with probability --drop-prompt (classifier-free guidance). Every --eval-every steps, the EMA
+   weights sample a few prompts (50-step DDIM, CFG), the pixel probe grades them, the numbers go to
+   ``<out>/training/metrics.jsonl``, a frame strip to ``<out>/training/samples/``, and a loadable snapshot
+   of the teacher to ``<out>/snapshot/``.
+
+Checkpoints (``<out>/training/checkpoint.pt``, written to a temporary name then renamed) are taken every
+--checkpoint-minutes, on SIGTERM / SIGINT and at the end; a run finds the latest and continues from it
+(data, noise and timesteps are pure functions of the seed and step, so a resumed run sees what an
+uninterrupted one would).
+
+At the end the EMA teacher is written to ``<out>/`` in diffusers layout (safetensors only): ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``unet/`` (the ``UNet2DConditionModel`` part), ``motion_adapter/``,
+``scheduler/`` (DDIM, linear betas) and ``model_index.json``. Load it like SD1.5 + an AnimateDiff adapter::
+
+    adapter = MotionAdapter.from_pretrained(out / "motion_adapter")
+    pipe = AnimateDiffPipeline.from_pretrained(out, motion_adapter=adapter)
+
+Example (the long run; one thread so the machine stays usable)::
+
+    nohup python scripts/train_tiny_teacher.py --out outputs/tiny-teacher > outputs/tiny-teacher/train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from perflow_video.atomic_files import atomic_destination  # noqa: E402
+from perflow_video.tiny.teacher_models import (  # noqa: E402
+    TeacherArch,
+    split_unet_motion,
+    teacher_scheduler,
+    teacher_text_encoder,
+    teacher_unet_motion,
+    teacher_vae,
+)
+from perflow_video.tiny.tiny_models import tiny_tokenizer  # noqa: E402
+from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
+from perflow_video.toy.shape_world import ALL_PROMPTS, HELD_OUT, ShapeWorld, ShapeWorldConfig  # noqa: E402
+from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES  # noqa: E402
+
+_STOP = {"requested": False}
+
+
+def _request_stop(signum, frame) -> None:  # noqa: ARG001
+    _STOP["requested"] = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a(
+        "--out",
+        default="outputs/tiny-teacher",
+        help="output folder: final teacher, snapshot/, training/ "
+        "(checkpoint, metrics.jsonl, samples). Run again with the same --out to resume. [%(default)s]",
+    )
+    a(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data stream, initialisation, noise and timesteps [%(default)s]",
+    )
+    a("--threads", type=int, default=1, help="torch CPU threads (keep 1 on a shared machine) [%(default)s]")
+    a(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop (with a checkpoint) after this wall time; "
+        "0 = no limit. A later run resumes. [%(default)s]",
+    )
+    a("--checkpoint-minutes", type=float, default=4.0, help="wall-time between checkpoints [%(default)s]")
+    # data
+    a("--frame-size", type=int, default=32, help="frames are N x N pixels [%(default)s]")
+    a("--num-frames", type=int, default=16, help="frames per clip [%(default)s]")
+    # VAE stage
+    a("--vae-steps", type=int, default=1500, help="optimizer steps of the VAE fit (stage 1) [%(default)s]")
+    a(
+        "--vae-batch-frames",
+        type=int,
+        default=32,
+        help="frames per VAE batch (4 random frames of each of N/4 clips) [%(default)s]",
+    )
+    a("--vae-lr", type=float, default=2e-3, help="VAE learning rate (AdamW, cosine to 10%%) [%(default)s]")
+    a(
+        "--vae-kl",
+        type=float,
+        default=1e-4,
+        help="weight of the KL term (per latent element) in the VAE "
+        "loss; the rest is pixel MSE [%(default)s]",
+    )
+    a(
+        "--vae-channels",
+        type=_ints,
+        default=(16, 32, 32),
+        help="VAE block widths; N blocks -> factor 2^(N-1) [%(default)s]",
+    )
+    # teacher architecture
+    a(
+        "--unet-channels",
+        type=_ints,
+        default=(32, 64, 64),
+        help="UNet level widths (SD1.5: 320,640,1280,1280) [%(default)s]",
+    )
+    a(
+        "--cross-attn-levels",
+        type=int,
+        default=3,
+        help="how many levels (from the top) use CrossAttn "
+        "down/up blocks; the rest are plain DownBlock2D/UpBlock2D [%(default)s]",
+    )
+    a(
+        "--unet-groups",
+        type=int,
+        default=8,
+        help="GroupNorm groups in the UNet and motion modules [%(default)s]",
+    )
+    a("--unet-heads", type=int, default=2, help="spatial attention heads [%(default)s]")
+    a("--motion-heads", type=int, default=2, help="temporal (motion module) attention heads [%(default)s]")
+    a(
+        "--text-hidden",
+        type=int,
+        default=32,
+        help="CLIP text encoder width = cross-attention dim [%(default)s]",
+    )
+    a("--text-layers", type=int, default=2, help="CLIP text encoder layers [%(default)s]")
+    # teacher optimisation
+    a("--steps", type=int, default=15000, help="teacher optimizer steps in total (stage 2) [%(default)s]")
+    a("--batch-size", type=int, default=4, help="clips per teacher step [%(default)s]")
+    a(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="UNet learning rate (AdamW, linear warm-up then constant) [%(default)s]",
+    )
+    a(
+        "--text-lr",
+        type=float,
+        default=1e-3,
+        help="text encoder learning rate; 0 freezes the (random) text encoder [%(default)s]",
+    )
+    a("--warmup", type=int, default=300, help="linear warm-up steps [%(default)s]")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay [%(default)s]")
+    a("--grad-clip", type=float, default=1.0, help="gradient norm clip [%(default)s]")
+    a(
+        "--ema",
+        type=float,
+        default=0.999,
+        help="EMA decay of the weights used for evaluation and export [%(default)s]",
+    )
+    a(
+        "--drop-prompt",
+        type=float,
+        default=0.1,
+        help="probability a caption is replaced by '' (CFG) [%(default)s]",
+    )
+    # evaluation
+    a("--log-every", type=int, default=50, help="steps between loss lines in metrics.jsonl [%(default)s]")
+    a(
+        "--eval-every",
+        type=int,
+        default=1000,
+        help="steps between probe evaluations (+ snapshot) [%(default)s]",
+    )
+    a(
+        "--eval-train-prompts",
+        type=int,
+        default=12,
+        help="training prompts sampled per evaluation (chosen to cover every word) [%(default)s]",
+    )
+    a(
+        "--eval-held-out",
+        type=int,
+        default=6,
+        help="held-out prompts sampled per evaluation (of 6) [%(default)s]",
+    )
+    a("--eval-steps", type=int, default=50, help="DDIM steps of evaluation samples [%(default)s]")
+    a(
+        "--cfg",
+        type=float,
+        default=5.0,
+        help="classifier-free guidance scale of evaluation samples [%(default)s]",
+    )
+    a("--no-final-export", action="store_true", help="do not write the diffusers folder at the end (trials)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gen(seed: int, *keys: int) -> torch.Generator:
+    """A torch generator that is a pure function of (seed, keys)."""
+    mixed = int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _save_torch_atomic(obj, path: Path) -> None:
+    with atomic_destination(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Moves a finished folder ``tmp`` to ``dest`` (the old ``dest`` is renamed away first, then removed)."""
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _to_uint8_frames(clip: torch.Tensor) -> np.ndarray:
+    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    x = ((clip.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).numpy()
+
+
+def _save_strip(clips: list[torch.Tensor], path: Path, frames: tuple[int, ...] = (0, 5, 10, 15)) -> None:
+    """PNG with one row per clip showing the given frames (scaled x2)."""
+    from PIL import Image
+
+    rows = []
+    for c in clips:
+        f = _to_uint8_frames(c)
+        idx = [min(i, f.shape[0] - 1) for i in frames]
+        sep = np.full((f.shape[1], 2, 3), 128, np.uint8)
+        rows.append(np.concatenate([x for i in idx for x in (f[i], sep)], axis=1))
+    img = Image.fromarray(np.concatenate(rows, axis=0))
+    img = img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_destination(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def eval_prompts(n_train: int, n_held: int) -> list[str]:
+    """Deterministic evaluation prompts: training prompts chosen so every colour, shape and direction
+    appears (colour i, shape (i+1)%3, direction (i+2)%4, then shifted variants), plus held-out ones."""
+    train = [p for p in ALL_PROMPTS if p not in HELD_OUT]
+    colors = list(COLORS)
+    chosen: list[str] = []
+    shift = 0
+    while len(chosen) < min(n_train, len(train)):
+        for i, c in enumerate(colors):
+            p = f"a {c} {SHAPES[(i + 1 + shift) % 3]} moving {DIRECTIONS[(i + 2 + shift) % 4]}"
+            if p in train and p not in chosen and len(chosen) < n_train:
+                chosen.append(p)
+        shift += 1
+        if shift > 24:
+            chosen += [p for p in train if p not in chosen][: n_train - len(chosen)]
+    return chosen + list(HELD_OUT[:n_held])
+
+
+class Text:
+    """Tokenizer + encoder: captions -> (B, 77, hidden) hidden states (what SD's pipelines feed the UNet)."""
+
+    def __init__(self, encoder) -> None:
+        self.tok = tiny_tokenizer()
+        self.encoder = encoder
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for p in prompts:
+            if p not in self._cache:
+                self._cache[p] = self.tok(
+                    p,
+                    padding="max_length",
+                    max_length=self.tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]
+            out.append(self._cache[p])
+        return torch.stack(out)
+
+    def __call__(self, prompts: list[str], encoder=None) -> torch.Tensor:
+        return (encoder or self.encoder)(self.ids(prompts))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _vae_frames(world: ShapeWorld, step: int, n_frames: int, seed: int) -> torch.Tensor:
+    """``n_frames`` frames for VAE step ``step``: 4 random frames of each of n/4 clips."""
+    per = 4
+    n_clips = max(1, n_frames // per)
+    g = np.random.default_rng([seed, 0xFAE, step])
+    frames = []
+    for k in range(n_clips):
+        clip = world.clip(step * n_clips + k)
+        idx = g.choice(clip.shape[1], size=per, replace=False)
+        frames.append(clip[:, idx].permute(1, 0, 2, 3))
+    return torch.cat(frames)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, cfg: ShapeWorldConfig, seed: int, n_clips: int = 24) -> dict:
+    """PSNR (0..1 scale) of reconstructions of held-aside clips, latent std, probe accuracy on recons."""
+    world = ShapeWorld("all", seed=seed + 7919, config=cfg)
+    mses, lat, recons, prompts = [], [], [], []
+    for i in range(n_clips):
+        clip = world.clip(i)  # (3, F, H, W)
+        x = clip.permute(1, 0, 2, 3)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=_gen(seed, 0xE7A1, i))
+        rec = vae.decode(z).sample.clamp(-1, 1)
+        mses.append(((rec - x) / 2).pow(2).mean().item())
+        lat.append(z)
+        recons.append(rec.permute(1, 0, 2, 3))
+        prompts.append(world.spec(i).prompt)
+    mse = float(np.mean(mses))
+    z = torch.cat(lat)
+    acc = probe_accuracy(recons, prompts)
+    return {
+        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+        "latent_std": float(z.std()),
+        "latent_mean": float(z.mean()),
+        "probe_on_recon": {k: acc[k] for k in (*ATTRIBUTES, "all")},
+    }
+
+
+def fit_vae(args, arch: TeacherArch, cfg: ShapeWorldConfig, train_dir: Path, metrics: Path):
+    """Stage 1 (resumable). Returns the fitted VAE (eval mode, ``scaling_factor`` set)."""
+    final = train_dir / "vae"
+    if (final / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(final).eval()
+        print(f"VAE: loaded {final} (scaling_factor {vae.config.scaling_factor:.4f})", flush=True)
+        return vae
+    vae = teacher_vae(arch, seed=args.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt_path = train_dir / "vae_checkpoint.pt"
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(ck["vae"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        print(f"VAE: resumed at step {step}", flush=True)
+    world = ShapeWorld("all", seed=args.seed + 101, config=cfg)
+    vae.train()
+    last_ckpt, t0, losses = time.time(), time.time(), []
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10 if sys.stderr.isatty() else 60)
+    while step < args.vae_steps and not _STOP["requested"]:
+        if args.max_minutes and time.time() - T0 > args.max_minutes * 60:
+            break
+        lr = args.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = _vae_frames(world, step, args.vae_batch_frames, args.seed)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=_gen(args.seed, 0xFAE2, step))
+        rec = vae.decode(z).sample
+        rec_loss = F.mse_loss(rec, x)
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(rec_loss.item())
+        bar.update(1)
+        if step % args.log_every == 0:
+            psnr = 10 * math.log10(4.0 / max(np.mean(losses), 1e-12))  # [-1, 1] MSE -> 0..1 PSNR
+            bar.set_postfix(mse=f"{np.mean(losses):.5f}", psnr=f"{psnr:.1f}")
+            _append_jsonl(
+                metrics,
+                {
+                    "kind": "vae_loss",
+                    "step": step,
+                    "mse": float(np.mean(losses)),
+                    "train_psnr": psnr,
+                    "kl": float(kl.detach()),
+                    "lr": lr,
+                    "time": time.time(),
+                },
+            )
+            losses = []
+        if time.time() - last_ckpt > args.checkpoint_minutes * 60 or _STOP["requested"]:
+            _save_torch_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+            last_ckpt = time.time()
+    bar.close()
+    if step < args.vae_steps:  # stopped by a signal / time limit
+        _save_torch_atomic({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
+        return None
+    vae.eval()
+    stats = evaluate_vae(vae, cfg, args.seed)
+    vae.register_to_config(scaling_factor=round(1.0 / stats["latent_std"], 4))
+    stats.update(step=step, scaling_factor=vae.config.scaling_factor, minutes=(time.time() - t0) / 60)
+    print(f"VAE: {json.dumps(stats)}", flush=True)
+    _append_jsonl(metrics, {"kind": "vae_eval", **stats, "time": time.time()})
+    tmp = train_dir / ".vae.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, final)
+    (train_dir / "vae_eval.json").write_text(json.dumps(stats, indent=2) + "\n")
+    ckpt_path.unlink(missing_ok=True)
+    return vae
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: teacher
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, F, H, W) pixels -> (B, 4, F, h, w) scaled latents (posterior samples)."""
+    b, _, f, h, w = clips.shape
+    x = clips.permute(0, 2, 1, 3, 4).reshape(b * f, 3, h, w)
+    z = vae.encode(x).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    return z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """(B, 4, F, h, w) scaled latents -> (B, 3, F, H, W) pixels in [-1, 1]."""
+    b, c, f, h, w = z.shape
+    x = vae.decode(z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / vae.config.scaling_factor).sample
+    x = x.clamp(-1, 1)
+    return x.reshape(b, f, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    text: Text,
+    encoder,
+    prompts: list[str],
+    arch: TeacherArch,
+    num_frames: int,
+    steps: int,
+    cfg: float,
+    seed: int,
+) -> torch.Tensor:
+    """DDIM (``steps``) with classifier-free guidance; returns scaled latents (B, 4, F, h, w)."""
+    sched = teacher_scheduler()
+    sched.set_timesteps(steps)
+    n = len(prompts)
+    s = arch.latent_size
+    x = torch.stack(
+        [
+            torch.randn(arch.latent_channels, num_frames, s, s, generator=_gen(seed, 0x5A4, i))
+            for i in range(n)
+        ]
+    )
+    cond = text(prompts + [""] * n, encoder).repeat_interleave(num_frames, dim=0)
+    for t in sched.timesteps:
+        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
+        e_c, e_u = eps.chunk(2)
+        x = sched.step(e_u + cfg * (e_c - e_u), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int = 8) -> dict:
+    """How much the denoiser uses the caption: epsilon loss on a fixed validation batch (held-aside seed,
+    t = 100 .. 900) with the right captions, with captions of *other* clips of the batch, and with "".
+    A model that ignores text scores the same three; the gap right -> wrong is what prompt binding buys."""
+    world = ShapeWorld("all", seed=args.seed + 4242, config=cfg)
+    clips, _ = world.batch(0, n)
+    right = [world.spec(i).prompt for i in range(n)]
+    wrong = right[1:] + right[:1]
+    gen = _gen(args.seed, 0x7A1, 0)
+    z0 = encode_clips(vae, clips, gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.linspace(100, 900, n).round().long()
+    a = teacher_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    out = {}
+    for name, caps in (("right", right), ("wrong", wrong), ("empty", [""] * n)):
+        hidden = text(caps, encoder).repeat_interleave(args.num_frames, dim=0)
+        out[name] = round(F.mse_loss(unet(zt, t, encoder_hidden_states=hidden).sample, noise).item(), 5)
+    return out
+
+
+def evaluate_teacher(
+    unet,
+    encoder,
+    vae,
+    text: Text,
+    args,
+    arch: TeacherArch,
+    prompts: list[str],
+    step: int,
+    samples_dir: Path,
+    cfg: ShapeWorldConfig,
+) -> dict:
+    unet.eval()
+    encoder.eval()
+    t0 = time.time()
+    val = text_use(unet, encoder, vae, text, args, cfg)
+    z = sample(unet, text, encoder, prompts, arch, args.num_frames, args.eval_steps, args.cfg, args.seed)
+    clips = list(decode_latents(vae, z))
+    held = [p in HELD_OUT for p in prompts]
+    out: dict = {"kind": "eval", "step": step, "val_loss": val}
+    for name, keep in (("train", [not h for h in held]), ("held_out", held)):
+        cs = [c for c, k in zip(clips, keep, strict=True) if k]
+        ps = [p for p, k in zip(prompts, keep, strict=True) if k]
+        if cs:
+            acc = probe_accuracy(cs, ps)
+            out[name] = {k: round(acc[k], 4) for k in (*ATTRIBUTES, "all")}
+    probes = [probe_clip(c) for c in clips]
+    out["mean_speed_px_per_frame"] = round(float(np.mean([r.speed for r in probes])), 3)
+    out["read"] = [f"{r.color} {r.shape} {r.direction}" for r in probes]
+    out["prompts"] = prompts
+    out["eval_seconds"] = round(time.time() - t0, 1)
+    _save_strip(clips, samples_dir / f"step{step:06d}.png")
+    return out
+
+
+def export_teacher(folder: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int) -> None:
+    """Writes a diffusers-layout teacher folder (safetensors) at ``folder`` via a temporary sibling."""
+    from diffusers import StableDiffusionPipeline
+
+    tmp = folder.with_name(f".{folder.name}.tmp") if folder.name else folder / ".tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    unet2d, adapter = split_unet_motion(unet_motion, arch)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tiny_tokenizer(),
+        unet=unet2d,
+        scheduler=teacher_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    adapter.save_pretrained(tmp / "motion_adapter", safe_serialization=True)
+    (tmp / "teacher_info.json").write_text(
+        json.dumps({"step": step, "arch": arch.to_json()}, indent=2) + "\n"
+    )
+    _replace_dir(tmp, folder)
+
+
+def export_final(out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int) -> None:
+    """The final teacher goes to ``out/`` itself: each component folder is swapped in from a temp copy."""
+    staging = out / ".final.tmp"
+    export_teacher(staging, vae, encoder, unet_motion, arch, step)
+    for name in sorted(os.listdir(staging)):
+        src, dst = staging / name, out / name
+        if src.is_dir():
+            _replace_dir(src, dst)
+        else:
+            os.replace(src, dst)
+    shutil.rmtree(staging)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def train_teacher(
+    args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, out: Path, train_dir: Path, metrics: Path
+) -> int:
+    import copy
+
+    unet = teacher_unet_motion(arch, seed=args.seed)
+    encoder = teacher_text_encoder(arch, seed=args.seed + 2)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
+    for m in (ema_unet, ema_text, vae):
+        m.requires_grad_(False)
+    train_text = args.text_lr > 0
+    if not train_text:
+        encoder.requires_grad_(False)
+    groups = [{"params": list(unet.parameters()), "lr": args.lr, "base_lr": args.lr}]
+    if train_text:
+        groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    ckpt_path = train_dir / "checkpoint.pt"
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["arch"] != arch.to_json():
+            raise SystemExit(f"{ckpt_path} was trained with another architecture: {ck['arch']}")
+        unet.load_state_dict(ck["unet"])
+        encoder.load_state_dict(ck["text_encoder"])
+        ema_unet.load_state_dict(ck["ema_unet"])
+        ema_text.load_state_dict(ck["ema_text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        print(f"teacher: resumed at step {step}", flush=True)
+        _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
+
+    def save_ckpt() -> None:
+        _save_torch_atomic(
+            {
+                "step": step,
+                "arch": arch.to_json(),
+                "args": vars(args)
+                | {"vae_channels": list(args.vae_channels), "unet_channels": list(args.unet_channels)},
+                "unet": unet.state_dict(),
+                "text_encoder": encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text_encoder": ema_text.state_dict(),
+                "opt": opt.state_dict(),
+            },
+            ckpt_path,
+        )
+
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_text = sum(p.numel() for p in encoder.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    print(
+        f"teacher: UNetMotionModel {n_unet / 1e6:.2f} M, CLIPTextModel {n_text / 1e6:.3f} M, "
+        f"AutoencoderKL {n_vae / 1e6:.3f} M params",
+        flush=True,
+    )
+    world = ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt)
+    sched = teacher_scheduler()
+    alphas = sched.alphas_cumprod
+    text = Text(encoder)
+    prompts = eval_prompts(args.eval_train_prompts, args.eval_held_out)
+    unet.train()
+    encoder.train(train_text)
+    t_start, last_ckpt, losses, t_log = time.time(), time.time(), [], time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60)
+    while step < args.steps:
+        if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
+            break
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
+        gen = _gen(args.seed, 0x7EAC, step)
+        clips, captions = world.batch(step * args.batch_size, args.batch_size)
+        z0 = encode_clips(vae, clips, gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
+        pred = unet(zt, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # warm EMA: early snapshots are not the init
+        _ema_update(ema_unet, unet, decay)
+        if train_text:
+            _ema_update(ema_text, encoder, decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % args.log_every == 0:
+            now = time.time()
+            rec = {
+                "kind": "loss",
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "lr": opt.param_groups[0]["lr"],
+                "sec_per_step": (now - t_log) / len(losses),
+                "time": now,
+            }
+            _append_jsonl(metrics, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            losses, t_log = [], now
+        if step % args.eval_every == 0 or step == args.steps:
+            ev = evaluate_teacher(
+                ema_unet, ema_text, vae, text, args, arch, prompts, step, train_dir / "samples", cfg
+            )
+            ev["time"] = time.time()
+            _append_jsonl(metrics, ev)
+            print(
+                f"\neval step {step}: train {ev.get('train')} held_out {ev.get('held_out')} "
+                f"speed {ev['mean_speed_px_per_frame']} val_loss {ev['val_loss']} ({ev['eval_seconds']} s)",
+                flush=True,
+            )
+            export_teacher(out / "snapshot", vae, ema_text, ema_unet, arch, step)
+            unet.train()
+            encoder.train(train_text)
+            t_log = time.time()
+        if time.time() - last_ckpt > args.checkpoint_minutes * 60:
+            save_ckpt()
+            last_ckpt = time.time()
+    bar.close()
+    save_ckpt()
+    if step >= args.steps and not args.no_final_export:
+        export_final(out, vae, ema_text, ema_unet, arch, step)
+        print(f"teacher: final EMA teacher written to {out} (step {step})", flush=True)
+    print(f"teacher: stopped at step {step} after {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return step
+
+
+T0 = time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    out = Path(args.out)
+    train_dir = out / "training"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    metrics = train_dir / "metrics.jsonl"
+    arch = TeacherArch(
+        frame_size=args.frame_size,
+        vae_channels=tuple(args.vae_channels),
+        unet_channels=tuple(args.unet_channels),
+        cross_attn_levels=args.cross_attn_levels,
+        unet_groups=args.unet_groups,
+        unet_heads=args.unet_heads,
+        motion_heads=args.motion_heads,
+        text_hidden=args.text_hidden,
+        text_layers=args.text_layers,
+        max_frames=max(32, args.num_frames),
+    )
+    cfg = ShapeWorldConfig(size=args.frame_size, num_frames=args.num_frames)
+    _append_jsonl(
+        metrics,
+        {
+            "kind": "start",
+            "argv": sys.argv[1:] if argv is None else argv,
+            "arch": arch.to_json(),
+            "pid": os.getpid(),
+            "time": time.time(),
+        },
+    )
+    print(f"train_tiny_teacher: pid {os.getpid()}, out {out}, arch {json.dumps(arch.to_json())}", flush=True)
+    vae = fit_vae(args, arch, cfg, train_dir, metrics)
+    if vae is None:
+        print("stopped during the VAE stage; run again to resume", flush=True)
+        return 0
+    vae.requires_grad_(False)
+    train_teacher(args, arch, cfg, vae, out, train_dir, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
