@@ -1,6 +1,6 @@
 """Seconds per PeRFlow training step on the embedded tiny models, split by phase. Prints a markdown table.
 
-One step is the trainer's loop body (perflow_video/trainer.py) run on the same library pieces, without
+One step is the trainer's PeRFlow step (perflow_video/training/step.py) run on the same library pieces, without
 accelerate (CPU, mixed_precision=no: accelerate adds nothing there):
 
   data     next batch from the DataLoader (decode, crop, collate)
@@ -79,13 +79,15 @@ def endless_batches(loader, dataset):
 
 
 def bench_family(name: str, steps: int, warmup: int) -> dict:
-    from perflow_video import reflow_objective
     from perflow_video.families import get_family
     from perflow_video.families.attention import configure_attention
+    from perflow_video.method import reflow_objective
     from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
     from perflow_video.method.teacher_solver import guided_eps
     from perflow_video.method.time_windows import abar_index_of_time
-    from perflow_video.training.trainer import FrozenModel, family_spec, per_sample_draws
+    from perflow_video.training.frozen_models import FrozenModel
+    from perflow_video.training.run_setup import family_spec
+    from perflow_video.training.step import per_sample_draws
     from perflow_video.training.training_data import build_dataset
 
     cfg, from_yaml = load_config(name)
@@ -100,7 +102,7 @@ def bench_family(name: str, steps: int, warmup: int) -> dict:
     for module in models.frozen_modules():
         module.eval()
     teacher = FrozenModel(models.teacher, torch.float32)
-    dataset = build_dataset(cfg, family.is_video)
+    dataset = build_dataset(cfg, family.data_kind)
     o = cfg.optim
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=o.train_batch_size, shuffle=True, num_workers=cfg.data.num_workers,
@@ -123,7 +125,9 @@ def bench_family(name: str, steps: int, warmup: int) -> dict:
             with torch.no_grad():
                 z_0 = family.encode_pixels(models, batch["pixel_values"]).float()
                 shape = tuple(z_0.shape[1:])
-                drops, t, k, noise = per_sample_draws(batch["index"], shape, cfg, epoch, abar.numel())
+                drops, t, k, noise = per_sample_draws(
+                    batch["index"], shape, o.seed, epoch, cfg.data.prompt_dropout, reflow, abar.numel()
+                )
                 prompts = ["" if d else p for d, p in zip(drops, batch["prompt"], strict=True)]
                 cond = family.encode_prompts(models, prompts, "cpu")
                 uncond = None
@@ -162,7 +166,7 @@ def bench_family(name: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported
-    from perflow_video.families import FAMILIES
+    from perflow_video.family_names import FAMILY_NAMES as FAMILIES
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

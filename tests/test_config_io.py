@@ -1,33 +1,27 @@
-"""Strict config I/O: schema checks with dotted paths, overrides, YAML files, defaults diff."""
+"""Config I/O on a library: pydantic checks plain dataclasses (dotted keys, strict types), YAML files,
+overrides, merges, the defaults diff and atomic saves."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
+from pydantic import with_config
 
 from perflow_video.training.config_io import (
+    CONFIG_RULES,
     ConfigError,
     apply_overrides,
-    config_reference,
     diff_from_defaults,
-    field_comments,
     from_dict,
-    load_yaml_config,
     load_yaml_data,
     merge_dicts,
     save_yaml_config,
     to_dict,
 )
-from perflow_video.training.train_config import TrainConfig
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -60,22 +54,21 @@ class Data:
     sample_prompts: list[str] = field(default_factory=lambda: ["a cat"])
     size: tuple[int, int] = (64, 64)
     weights: dict[str, float] = field(default_factory=dict)
-    extra: Any = None
 
 
+@with_config(CONFIG_RULES)
 @dataclass
 class Train:
     name: str = "run"
     seed: int = 0
     optim: Optim = field(default_factory=Optim)
-    # The parent's default differs from Optim's own: a partial section must keep it.
-    finetune_optim: Optim = field(default_factory=lambda: Optim(lr=5e-5, warmup_steps=100))
     model: Model = field(default_factory=Model)
     data: Data = field(default_factory=Data)
     sampling: Sampling | None = None
     stages: list[Sampling] = field(default_factory=list)
 
 
+@with_config(CONFIG_RULES)
 @dataclass
 class Required:
     name: str
@@ -88,6 +81,10 @@ def _error(cls, data) -> str:
     return str(info.value)
 
 
+def load(path):
+    return from_dict(Train, load_yaml_data(path))
+
+
 # ------------------------------------------------------------------------------------------ from_dict
 
 
@@ -97,21 +94,21 @@ def test_defaults_and_round_trip():
         name="x",
         optim=Optim(lr=2e-4, betas=(0.8, 0.9)),
         model=Model(family="sdxl", pretrained="p", use_ema=True),
-        data=Data(sample_prompts=["a", "b"], size=(32, 48), weights={"mse": 1.0}, extra={"k": [1]}),
+        data=Data(sample_prompts=["a", "b"], size=(32, 48), weights={"mse": 1.0}),
         sampling=Sampling(steps=8),
         stages=[Sampling(steps=2), Sampling(guidance=1.0)],
     )
     plain = to_dict(cfg)
     assert plain["optim"]["betas"] == [0.8, 0.9] and plain["data"]["size"] == [32, 48]
-    assert from_dict(Train, plain) == cfg
     back = from_dict(Train, plain)
+    assert back == cfg
     assert isinstance(back.optim.betas, tuple) and isinstance(back.stages[0], Sampling)
 
 
-def test_partial_section_keeps_parent_default():
-    cfg = from_dict(Train, {"finetune_optim": {"weight_decay": 0.1}, "optim": {"lr": 0.5}})
-    assert cfg.finetune_optim == Optim(lr=5e-5, warmup_steps=100, weight_decay=0.1)
-    assert cfg.optim == Optim(lr=0.5)
+def test_partial_section_keeps_the_other_defaults():
+    cfg = from_dict(Train, {"optim": {"weight_decay": 0.1}, "sampling": {"steps": 2}})
+    assert cfg.optim == Optim(weight_decay=0.1) and cfg.sampling == Sampling(steps=2)
+    assert cfg.model == Model()
 
 
 def test_mutable_defaults_not_shared():
@@ -121,40 +118,47 @@ def test_mutable_defaults_not_shared():
 
 
 def test_unknown_key_names_dotted_path_and_suggests():
-    msg = _error(Train, {"optim": {"lrr": 1e-4}})
-    assert msg.startswith("optim.lrr:")
-    assert "in 'optim'; valid keys: lr, weight_decay, betas, warmup_steps" in msg
-    assert "Did you mean 'lr'?" in msg
-    top = _error(Train, {"sed": 1})
-    assert top.startswith("sed:") and "top level" in top and "Did you mean 'seed'?" in top
-    assert "Did you mean" not in _error(Train, {"zzzzzz": 1})
+    assert _error(Train, {"optim": {"warmup_step": 1}}) == (
+        "optim.warmup_step: unknown key 'warmup_step' in 'optim'. Did you mean 'warmup_steps'?"
+    )
+    assert "Did you mean 'seed'?" in _error(Train, {"sed": 1})
+    assert _error(Train, {"sed": 1}).startswith("sed: unknown key 'sed' at the top level")
+    far = _error(Train, {"optim": {"zzzz": 1}})
+    assert "Did you mean" not in far and far.endswith("valid keys: lr, weight_decay, betas, warmup_steps")
+    assert "sampling.stepz: unknown key" in _error(Train, {"sampling": {"stepz": 4}})
+    assert "stages[0].stepz: unknown key" in _error(Train, {"stages": [{"stepz": 4}]})
+
+
+def test_every_problem_is_reported_one_line_each():
+    lines = _error(Train, {"seed": "1", "optim": {"lr": "x", "lrr": 1}}).splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == ["optim.lr", "optim.lrr", "seed"]
 
 
 @pytest.mark.parametrize(
     "data, path, expected",
     [
-        ({"seed": "3"}, "seed", "expected int, got '3' (str)"),
-        ({"seed": 3.0}, "seed", "expected int"),
-        ({"seed": True}, "seed", "expected int, got True (bool)"),
-        ({"optim": {"lr": True}}, "optim.lr", "expected float, got True (bool)"),
-        ({"optim": {"lr": "1e-4"}}, "optim.lr", "expected float, got '1e-4' (str)"),
-        ({"name": None}, "name", "expected str, got None"),
-        ({"optim": None}, "optim", "expected mapping (Optim), got None"),
-        ({"optim": [1]}, "optim", "expected mapping (Optim)"),
-        ({"model": {"use_ema": 1}}, "model.use_ema", "expected bool, got 1 (int)"),
-        ({"data": {"sample_prompts": ["a", 3]}}, "data.sample_prompts[1]", "expected str, got 3 (int)"),
-        ({"data": {"sample_prompts": "a"}}, "data.sample_prompts", "expected list[str]"),
-        ({"data": {"size": [1, 2, 3]}}, "data.size", "expected tuple[int, int] (2 items)"),
-        ({"data": {"weights": {"mse": "x"}}}, "data.weights.mse", "expected float"),
-        ({"optim": {"betas": [0.9, None]}}, "optim.betas[1]", "expected float, got None"),
-        ({"stages": [{"steps": "4"}]}, "stages[0].steps", "expected int"),
-        ({"sampling": {"stepz": 4}}, "sampling.stepz", "Did you mean 'steps'?"),
-        ({"sampling": {"steps": "4"}}, "sampling.steps", "expected int, got '4' (str)"),
-        ({"sampling": 3}, "sampling", "expected mapping (Sampling) | None, got 3 (int)"),
-        ({"data": {"weights": {1: 2.0}}}, "data.weights.1 (key)", "expected str, got 1 (int)"),
+        ({"seed": "3"}, "seed", "valid integer, got '3' (str)"),
+        ({"seed": 3.0}, "seed", "valid integer"),
+        ({"seed": True}, "seed", "valid integer, got True (bool)"),
+        ({"optim": {"lr": True}}, "optim.lr", "valid number, got True (bool)"),
+        ({"optim": {"lr": "1e-4"}}, "optim.lr", "valid number, got '1e-4' (str)"),
+        ({"name": None}, "name", "valid string, got None"),
+        ({"name": 3}, "name", "valid string, got 3 (int)"),
+        ({"optim": None}, "optim", "expected a section"),
+        ({"optim": [1]}, "optim", "expected a section (a mapping of keys to values), got [1] (list)"),
+        ({"model": {"use_ema": 1}}, "model.use_ema", "valid boolean, got 1 (int)"),
+        ({"model": {"use_ema": "yes"}}, "model.use_ema", "valid boolean"),
+        ({"data": {"sample_prompts": ["a", 3]}}, "data.sample_prompts[1]", "valid string, got 3 (int)"),
+        ({"data": {"sample_prompts": "a"}}, "data.sample_prompts", "valid array"),
+        ({"data": {"size": [1, 2, 3]}}, "data.size", "at most 2 items"),
+        ({"data": {"weights": {"mse": "x"}}}, "data.weights.mse", "valid number"),
+        ({"optim": {"betas": [0.9, None]}}, "optim.betas[1]", "valid number, got None"),
+        ({"stages": [{"steps": "4"}]}, "stages[0].steps", "valid integer"),
+        ({"sampling": {"steps": "4"}}, "sampling.steps", "valid integer, got '4' (str)"),
+        ({"model": {"pretrained": 3}}, "model.pretrained", "valid string, got 3 (int)"),
     ],
 )
-def test_wrong_type_names_path_type_and_value(data, path, expected):
+def test_wrong_type_names_path_and_value(data, path, expected):
     msg = _error(Train, data)
     assert msg.startswith(f"{path}:"), msg
     assert expected in msg, msg
@@ -169,60 +173,33 @@ def test_int_accepted_for_float():
 def test_optional_fields():
     assert from_dict(Train, {"model": {"pretrained": None}}).model.pretrained is None
     assert from_dict(Train, {"model": {"pretrained": "x"}}).model.pretrained == "x"
-    assert "expected str | None, got 3 (int)" in _error(Train, {"model": {"pretrained": 3}})
     assert from_dict(Train, {"sampling": {}}).sampling == Sampling()
     assert from_dict(Train, {"sampling": None}).sampling is None
-    assert from_dict(Train, {"sampling": {"steps": 2}}).sampling == Sampling(steps=2)
 
 
 def test_literal_rejects_other_values_listing_choices():
     assert from_dict(Train, {"model": {"family": "sdxl"}}).model.family == "sdxl"
     msg = _error(Train, {"model": {"family": "sd3"}})
-    assert msg.startswith("model.family:") and "'sd15', 'sd21', 'sdxl'" in msg and "'sd3'" in msg
+    assert msg.startswith("model.family:") and "'sd15', 'sd21' or 'sdxl'" in msg and "'sd3'" in msg
 
 
 def test_missing_required_key():
     assert from_dict(Required, {"name": "a"}) == Required("a")
-    assert "missing required key(s): name" in _error(Required, {"count": 2})
+    assert _error(Required, {"count": 2}) == "name: missing required key"
 
 
-def test_post_init_value_error_gets_path():
-    msg = _error(Train, {"optim": {"lr": -1}})
-    assert msg == "optim: lr must be positive, got -1.0"
-    # At the top level there is no path to prefix.
-    assert (
-        str(pytest.raises(ConfigError, from_dict, Optim, {"lr": 0}).value) == "lr must be positive, got 0.0"
-    )
-    # A caller-supplied prefix is kept.
-    with pytest.raises(ConfigError, match=r"^train\.optim\.lrr:"):
-        from_dict(Optim, {"lrr": 1}, path="train.optim")
+def test_post_init_value_error_gets_the_section():
+    assert _error(Train, {"optim": {"lr": -1}}) == "optim: lr must be positive, got -1.0"
 
 
-def test_non_mapping_top_level_and_bad_schema():
-    assert "expected a mapping" in _error(Train, [1, 2])
-    with pytest.raises(TypeError):
+def test_top_level_must_be_a_mapping_and_the_schema_a_config_root():
+    assert _error(Train, [1, 2]).startswith("expected a section")
+    with pytest.raises(TypeError, match="dataclass type"):
         from_dict(Train(), {})
-
-    @dataclass
-    class Bad:
-        s: set = field(default_factory=set)
-
-    with pytest.raises(TypeError, match="unsupported"):
-        from_dict(Bad, {"s": [1]})
-
-
-def test_init_false_fields_are_not_config_keys():
-    @dataclass
-    class Derived:
-        a: int = 1
-        twice: int = field(init=False, default=0)
-
-        def __post_init__(self):
-            self.twice = 2 * self.a
-
-    assert to_dict(Derived(a=3)) == {"a": 3}
-    assert from_dict(Derived, {"a": 3}).twice == 6
-    assert "unknown key 'twice'" in _error(Derived, {"twice": 1})
+    with pytest.raises(TypeError, match="with_config"):
+        from_dict(Optim, {})  # a section on its own does not carry the rules
+    with pytest.raises(ConfigError, match="plain YAML data"):
+        from_dict(Train, {"name": {1, 2}})
 
 
 # ------------------------------------------------------------------------------------------ diff
@@ -230,18 +207,10 @@ def test_init_false_fields_are_not_config_keys():
 
 def test_diff_from_defaults_only_changed_fields():
     assert diff_from_defaults(Train()) == {}
-    cfg = from_dict(
-        Train,
-        {"optim": {"lr": 1e-4}, "finetune_optim": {"lr": 5e-5}, "model": {"family": "sdxl"}, "seed": 0},
-    )
+    cfg = from_dict(Train, {"optim": {"lr": 1e-4}, "model": {"family": "sdxl"}, "seed": 0})
     assert diff_from_defaults(cfg) == {"optim": {"lr": 1e-4}, "model": {"family": "sdxl"}}
-    # Against the parent's default section, not Optim's class defaults.
-    cfg = Train(finetune_optim=Optim(lr=1e-3, warmup_steps=100))
-    assert diff_from_defaults(cfg) == {"finetune_optim": {"lr": 1e-3}}
-    # A section whose default is None appears even when it equals its class defaults.
-    assert diff_from_defaults(Train(sampling=Sampling())) == {"sampling": {}}
+    assert diff_from_defaults(Train(sampling=Sampling())) == {"sampling": {"steps": 4, "guidance": 7.5}}
     assert diff_from_defaults(Train(data=Data(size=(1, 2)))) == {"data": {"size": [1, 2]}}
-    assert diff_from_defaults(Required("a")) == {"name": "a"}
     for cfg in (Train(sampling=Sampling(steps=1)), Train(stages=[Sampling()]), Train(name="q")):
         assert from_dict(Train, diff_from_defaults(cfg)) == cfg
 
@@ -279,8 +248,9 @@ def test_override_exponent_floats(text, value):
     assert out["x"] == value and isinstance(out["x"], float)
 
 
-def test_override_quoted_number_stays_string_and_later_wins():
+def test_override_quoted_number_and_dates_stay_strings_and_later_wins():
     assert apply_overrides({}, ['name="1e-4"'])["name"] == "1e-4"
+    assert apply_overrides({}, ["name=2024-01-02"])["name"] == "2024-01-02"  # YAML 1.2: no timestamps
     assert apply_overrides({}, ["seed=1", "seed=2"])["seed"] == 2
     assert apply_overrides({}, ["seed=10"])["seed"] == 10  # ints stay ints
 
@@ -300,8 +270,8 @@ def test_override_bad_yaml_and_through_scalar():
 
 
 def test_override_unknown_key_caught_by_from_dict():
-    out = apply_overrides({}, ["optim.lrr=1e-4"])
-    with pytest.raises(ConfigError, match=r"^optim\.lrr:.*Did you mean 'lr'"):
+    out = apply_overrides({}, ["optim.warmup=1"])
+    with pytest.raises(ConfigError, match=r"^optim\.warmup:.*Did you mean 'warmup_steps'"):
         from_dict(Train, out)
 
 
@@ -333,17 +303,16 @@ def _write(path, text):
     return path
 
 
-def test_load_yaml_config(tmp_path):
+def test_yaml_exponent_floats_are_floats(tmp_path):
     f = _write(tmp_path / "c.yaml", "optim:\n  lr: 1e-4\n  betas: [0.5, 1.0e5]\nmodel:\n  family: sd21\n")
-    cfg = load_yaml_config(Train, f)
-    assert cfg == Train(optim=Optim(lr=1e-4, betas=(0.5, 1e5)), model=Model(family="sd21"))
-    assert load_yaml_config(Train, _write(tmp_path / "empty.yaml", "# nothing\n")) == Train()
+    assert load(f) == Train(optim=Optim(lr=1e-4, betas=(0.5, 1e5)), model=Model(family="sd21"))
+    assert load(_write(tmp_path / "empty.yaml", "# nothing\n")) == Train()
 
 
 def test_yaml_missing_file_names_file(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="config file not found") as info:
-        load_yaml_config(Train, missing)
+        load_yaml_data(missing)
     assert str(info.value).startswith(str(missing))
     with pytest.raises(ConfigError, match="cannot read"):
         load_yaml_data(tmp_path)  # a directory
@@ -352,7 +321,7 @@ def test_yaml_missing_file_names_file(tmp_path):
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     f = _write(tmp_path / "bad.yaml", "seed: 1\noptim:\n  lr: [1, 2\nname: x\n")
     with pytest.raises(ConfigError) as info:
-        load_yaml_config(Train, f)
+        load_yaml_data(f)
     msg = str(info.value)
     assert msg.startswith(f"{f}: invalid YAML at line ") and "column" in msg
 
@@ -360,7 +329,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_yaml_duplicate_key_is_error(tmp_path):
     f = _write(tmp_path / "dup.yaml", "seed: 1\nname: a\nseed: 2\n")
     with pytest.raises(ConfigError, match=r"duplicate key 'seed' \(line 3\)") as info:
-        load_yaml_config(Train, f)
+        load_yaml_data(f)
     assert str(info.value).startswith(str(f))
 
 
@@ -368,19 +337,8 @@ def test_yaml_duplicate_key_is_error(tmp_path):
 def test_yaml_non_mapping_top_level(tmp_path, text, kind):
     f = _write(tmp_path / "list.yaml", text)
     with pytest.raises(ConfigError, match=f"top level must be a mapping.*got {kind}") as info:
-        load_yaml_config(Train, f)
+        load_yaml_data(f)
     assert str(info.value).startswith(str(f))
-
-
-def test_yaml_schema_error_prefixed_with_file(tmp_path):
-    f = _write(tmp_path / "c.yaml", "optim:\n  lrr: 1\n")
-    with pytest.raises(ConfigError) as info:
-        load_yaml_config(Train, f)
-    assert str(info.value).startswith(f"{f}: optim.lrr: unknown key")
-    f = _write(tmp_path / "p.yaml", "optim:\n  lr: -1\n")
-    with pytest.raises(ConfigError, match="lr must be positive") as info:
-        load_yaml_config(Train, f)
-    assert str(info.value).startswith(f"{f}: optim: ")
 
 
 def test_save_yaml_config_round_trip_atomic(tmp_path):
@@ -394,11 +352,11 @@ def test_save_yaml_config_round_trip_atomic(tmp_path):
     )
     out = tmp_path / "sub" / "resolved.yaml"
     save_yaml_config(cfg, out)
-    assert load_yaml_config(Train, out) == cfg
+    assert load(out) == cfg
     # The full config is written, not the diff.
     assert set(load_yaml_data(out)) == {f.name for f in dataclasses.fields(Train)}
     save_yaml_config(Train(), out)  # overwrite
-    assert load_yaml_config(Train, out) == Train()
+    assert load(out) == Train()
     assert os.listdir(out.parent) == ["resolved.yaml"]
 
 
@@ -413,24 +371,4 @@ def test_save_yaml_config_failure_leaves_old_file_and_no_temp(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         save_yaml_config(Train(seed=2), out)
     assert os.listdir(tmp_path) == ["c.yaml"]
-    assert load_yaml_config(Train, out).seed == 1
-
-
-def test_every_training_config_field_has_a_one_line_meaning_listed_by_help_config():
-    cfg = TrainConfig()
-    undocumented = []
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        meanings = field_comments(type(sub))
-        undocumented += [
-            f"{section.name}.{f.name}" for f in dataclasses.fields(sub) if not meanings.get(f.name)
-        ]
-    assert undocumented == []
-    reference = config_reference(TrainConfig)
-    assert "  reflow.solver_steps = 8  # M, teacher DDIM steps inside one window" in reference
-    assert '  model.pretrained_model_name_or_path = "tiny"  # hub id, local diffusers folder' in reference
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train_animatediff.py"), "--help-config"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0 and reference in proc.stdout
+    assert load(out).seed == 1

@@ -1,5 +1,6 @@
 """Model families: loading from folders and single files, clear errors, trainable selection, conditioning."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 from diffusers import MotionAdapter
 
-from perflow_video.families import FamilySpec, get_family
+from perflow_video.families import ADAPTERS, FamilySpec, get_family
 from perflow_video.families.animatediff import load_motion_adapter
-from perflow_video.tiny.tiny_models import save_tiny_model, tiny_motion_adapter
+from perflow_video.family_names import FAMILY_NAMES
+from perflow_video.tiny.tiny_models import save_tiny_model, tiny_motion_adapter, tiny_unet
 from perflow_video.weights.animatediff_keys import export_motion_module_original
+from perflow_video.weights.delta_weights import LAYOUTS
 
 
 def spec(path, family="sd15", **kw):
@@ -30,6 +33,50 @@ def tiny_animatediff(tmp_path_factory):
 def test_unknown_family_lists_the_choices():
     with pytest.raises(ValueError, match="animatediff"):
         get_family("sd3")
+
+
+def test_one_adapter_per_family_name_with_its_trainable_choices():
+    assert list(ADAPTERS) == list(FAMILY_NAMES)
+    for name, family in ADAPTERS.items():
+        assert family.name == name and get_family(name) is family
+        assert family.default_trainable in family.trainable_choices and family.delta_layout in LAYOUTS
+    video = get_family("animatediff")
+    assert (video.default_trainable, video.trainable_choices, video.data_kind) == (
+        "motion", ("motion", "spatial", "all"), "clips",
+    )  # fmt: skip
+    for name in ("sd15", "sd21", "sdxl"):
+        image = get_family(name)
+        assert (image.default_trainable, image.trainable_choices, image.data_kind) == (
+            "all",
+            ("all",),
+            "images",
+        )
+
+
+def test_an_image_family_refuses_motion_training_and_names_its_choices():
+    unet = tiny_unet("sd15")
+    with pytest.raises(ValueError, match=r"model.trainable='motion' for sd15; choose one of \('all',\)"):
+        get_family("sd15").set_trainable(unet, "motion")
+    names = get_family("sd15").set_trainable(unet, "all")
+    assert names == [n for n, _ in unet.named_parameters()]
+
+
+def test_load_returns_what_it_found_and_changes_neither_its_spec_nor_the_adapter(tiny_animatediff):
+    family = get_family("animatediff")
+    adapter_state = dict(vars(family))
+    specs = [
+        spec(tiny_animatediff, motion_adapter=str(tiny_animatediff / "motion_adapter"), num_frames=n)
+        for n in (4, 2)
+    ]
+    given = [dataclasses.replace(s) for s in specs]
+    loaded = [family.load(s) for s in specs]
+    assert specs == given and vars(family) == adapter_state
+    for models, frames in zip(loaded, (4, 2), strict=True):
+        assert models.num_frames == frames and models.resolution == 64
+        assert models.motion_adapter == str(tiny_animatediff / "motion_adapter")
+        assert models.delta_base() == f"{tiny_animatediff} + {tiny_animatediff / 'motion_adapter'}"
+        # each load's own frame count, though both came from the same adapter
+        assert family.encode_prompts(models, ["a", "b"], "cpu").encoder_hidden_states.shape[0] == 2 * frames
 
 
 def test_missing_weights_say_where_they_looked_and_how_to_point_elsewhere(tmp_path):

@@ -1,4 +1,4 @@
-"""eval_loss: the reflow objective on fixed draws at window starts (perflow_video/reflow_evaluation.py)."""
+"""eval_loss: the reflow objective on fixed draws at window starts (perflow_video/method/reflow_evaluation.py)."""
 
 import pytest
 import torch

@@ -70,9 +70,11 @@ FEATURES = {
 @pytest.mark.parametrize("family", ["animatediff", "sd15", "sd21", "sdxl"])
 def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
     prompts = "run.validation_prompts=[a red circle]"
-    train(env, family, tmp_path, "--max_train_steps", "3", *FAST, *FEATURES[family], prompts)
+    only_at_end = "run.checkpointing_steps=0"
+    train(env, family, tmp_path, "--max_train_steps", "3", *FAST, *FEATURES[family], prompts, only_at_end)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["global_step"] == 3
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
     assert [step for step, _ in metric(tmp_path, "loss")] == [1, 2, 3]
     assert [step for step, _ in metric(tmp_path, "eval_loss")] == [0, 3]  # before training and at the end
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints").is_dir()

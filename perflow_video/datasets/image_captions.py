@@ -26,6 +26,7 @@ from perflow_video.datasets.video_clips import (
     resize_center_crop,
     scan_captioned_folder,
 )
+from perflow_video.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MISSING_FILE = "missing_file"
@@ -106,7 +107,7 @@ class ImageCaptionDataset(CaptionedDataset):
             for r in rows
         ]
         if not entries:
-            raise ValueError(f"{c.csv_path}: the CSV has a header but no rows")
+            raise ConfigError(f"{c.csv_path}: the CSV has a header but no rows")
         return entries
 
     @staticmethod

@@ -17,15 +17,18 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from perflow_video.errors import ConfigError, PathNotFoundError, UserError
 from perflow_video.media.video_decode import (
     BACKENDS,
     UNDECODABLE_FRAMES,
+    DecoderBackend,
     VideoDecodeError,
     VideoInfo,
     open_video,
@@ -36,7 +39,9 @@ from perflow_video.media.video_decode import (
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".m4v")
-SHORT_CLIP_POLICIES = ("lower_stride", "loop", "skip")
+# A clip shorter than (F-1)*stride+1 frames: sample it with a smaller stride, loop it, or skip it.
+ShortClipPolicy = Literal["lower_stride", "loop", "skip"]
+SHORT_CLIP_POLICIES: tuple[str, ...] = get_args(ShortClipPolicy)
 TOO_SHORT = "too_short"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
@@ -50,7 +55,7 @@ class BadItemError(RuntimeError):
         self.path, self.reason, self.detail = path, reason, detail
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Too much of the dataset is unusable (more than ``max_bad_fraction``)."""
 
 
@@ -117,10 +122,12 @@ class VideoClipConfig:
     num_frames: int = 16  # F, frames per clip
     resolution: int | tuple[int, int] = 384  # output (H, W); an int means square
     sample_stride: int = 4  # distance between sampled frames in source frames
-    short_clip_policy: str = "lower_stride"  # clip shorter than (F-1)*stride+1: lower_stride | loop | skip
+    short_clip_policy: ShortClipPolicy = (
+        "lower_stride"  # clip shorter than (F-1)*stride+1: lower_stride | loop | skip
+    )
     random_crop: bool = False  # random instead of center crop after the resize
     random_flip: bool = False  # horizontal flip with p=0.5 (wrong for captions saying left/right)
-    backend: str = "auto"  # decord | pyav | auto (decord if installed, PyAV where decord fails)
+    backend: DecoderBackend = "auto"  # decord | pyav | auto (decord if installed, PyAV where decord fails)
     decoder_threads: int = 1  # per reader; the DataLoader workers are the parallelism
     seed: int = 0  # start frames, crops and flips derive from (seed, epoch, index)
     max_bad_fraction: float = 0.05  # stop with BadDataError when more of the dataset is unusable
@@ -144,13 +151,13 @@ def output_size(res: int | tuple[int, int]) -> tuple[int, int]:
 def read_csv_rows(csv_path: str, required: list[str], hint: str) -> list[dict[str, str]]:
     """Reads a CSV and checks its header names every ``required`` column (the AnimateDiff trap)."""
     if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"caption CSV not found: {csv_path}")
+        raise PathNotFoundError(f"caption CSV not found: {csv_path}")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{csv_path}: missing column(s) {missing} in header {header or '(empty file)'}. {hint}"
             )
         reader.fieldnames = header
@@ -164,10 +171,10 @@ def scan_captioned_folder(
     sidecar caption ``<stem><caption_ext>``. ``kind`` ("video", "image") names them in errors."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"{kind} folder not found: {root}")
+        raise PathNotFoundError(f"{kind} folder not found: {root}")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
     if not paths:
-        raise ValueError(f"no {kind} files ({', '.join(extensions)}) under {root}")
+        raise ConfigError(f"no {kind} files ({', '.join(extensions)}) under {root}")
     return [CaptionedFile(str(p), None, str(p.with_suffix(caption_ext))) for p in paths]
 
 

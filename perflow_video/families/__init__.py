@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 from perflow_video.families.animatediff import AnimateDiffFamily
-from perflow_video.families.base import FamilyModels, FamilySpec, ModelFamily
+from perflow_video.families.base import DataKind, FamilyModels, FamilySpec, ModelFamily, Trainable
 from perflow_video.families.sdxl import SDXLFamily
 from perflow_video.families.stable_diffusion import StableDiffusionFamily
+from perflow_video.family_names import FAMILY_NAMES, FamilyName
 
-FAMILIES = ("animatediff", "sd15", "sd21", "sdxl")
+#: One adapter per family name (adapters hold no state, so one instance serves every caller).
+ADAPTERS: dict[FamilyName, ModelFamily] = {
+    "animatediff": AnimateDiffFamily(),
+    "sd15": StableDiffusionFamily("sd15", default_parameterization="diff_eps", default_resolution=512),
+    "sd21": StableDiffusionFamily("sd21", default_parameterization="velocity", default_resolution=768),
+    "sdxl": SDXLFamily(),
+}
 
 
 def get_family(name: str) -> ModelFamily:
-    """A fresh family adapter by name (the error lists the valid names)."""
-    if name == "animatediff":
-        return AnimateDiffFamily()
-    if name == "sd15":
-        return StableDiffusionFamily("sd15", default_parameterization="diff_eps", default_resolution=512)
-    if name == "sd21":
-        return StableDiffusionFamily("sd21", default_parameterization="velocity", default_resolution=768)
-    if name == "sdxl":
-        return SDXLFamily()
-    raise ValueError(f"unknown model family {name!r}; choose one of {FAMILIES}")
+    """The family adapter by name (the error lists the valid names)."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; choose one of {FAMILY_NAMES}") from None
 
 
-__all__ = ["FAMILIES", "FamilyModels", "FamilySpec", "ModelFamily", "get_family"]
+__all__ = [
+    "ADAPTERS",
+    "FAMILY_NAMES",
+    "DataKind",
+    "FamilyModels",
+    "FamilyName",
+    "FamilySpec",
+    "ModelFamily",
+    "Trainable",
+    "get_family",
+]

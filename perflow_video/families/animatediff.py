@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 from einops import rearrange
 from safetensors.torch import load_file
 
+from perflow_video.errors import ConfigError
 from perflow_video.families.base import (
-    TRAINABLE_CHOICES,
     FamilyModels,
     FamilySpec,
+    MetadataFor,
     ModelFamily,
     encode_clip_prompts,
     encode_pixels_to_latents,
@@ -24,8 +26,10 @@ from perflow_video.families.base import (
 )
 from perflow_video.families.loading import TINY_PREFIX, load_component, resolve_model_path
 from perflow_video.families.stable_diffusion import load_sd_parts
+from perflow_video.media.video_export import export_video
 from perflow_video.method.teacher_solver import Conditioning
-from perflow_video.weights.animatediff_keys import original_to_diffusers
+from perflow_video.weights.animatediff_keys import export_motion_module_original, original_to_diffusers
+from perflow_video.weights.delta_weights import delta_to_layout, is_motion_key, save_delta_weights
 
 logger = logging.getLogger(__name__)
 FLAG = "model.motion_adapter"
@@ -46,7 +50,7 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     file (``mm_sd_v15_v2.ckpt``-style, converted key by key; its config from ``config_source``)."""
     if source == TINY_PREFIX:
         if not os.path.isdir(sd_path):
-            raise ValueError(
+            raise ConfigError(
                 f"model.motion_adapter=tiny is the tiny model's own adapter, but the base model is {sd_path}: "
                 f"set model.motion_adapter to a MotionAdapter folder / hub id or an original motion-module file"
             )
@@ -73,14 +77,14 @@ def load_motion_adapter(source: str, config_source: str | None, sd_path: str) ->
     try:
         missing, unexpected = adapter.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shapes differ
-        raise ValueError(
+        raise ConfigError(
             f"{source}: motion module does not fit the adapter config from {config_source} ({err}); {hint}"
         ) from err
     missing = [
         k for k in missing if not k.endswith("pos_embed.pe")
     ]  # sinusoidal buffer, rebuilt by diffusers
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: motion module does not match the adapter config from {config_source}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}; {hint}"
         )
@@ -113,10 +117,10 @@ class AnimateDiffFamily(ModelFamily):
     name = "animatediff"
     default_parameterization = "ddim_eps"
     default_resolution = 384
-    is_video = True
-
-    def __init__(self):
-        self.num_frames = 16
+    default_trainable = "motion"  # the SD1.5 weights stay those of the base model users pair it with
+    trainable_choices = ("motion", "spatial", "all")
+    data_kind = "clips"
+    delta_layout = "diffusers_unet_motion"
 
     def load(self, spec: FamilySpec) -> FamilyModels:
         unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
@@ -127,36 +131,30 @@ class AnimateDiffFamily(ModelFamily):
         teacher = UNetMotionModel.from_unet2d(unet, adapter)
         for module in (teacher, vae, text_encoder):
             module.requires_grad_(False)
-        self.num_frames = spec.num_frames
-        models = FamilyModels(
-            teacher, make_student(teacher), vae, [text_encoder], [tokenizer], sched_cfg, source
-        )
-        models.extras["motion_adapter"] = adapter_source
-        return models
+        return FamilyModels(
+            teacher, make_student(teacher), vae, [text_encoder], [tokenizer], sched_cfg, source,
+            spec.resolution, num_frames=spec.num_frames, motion_adapter=adapter_source,
+        )  # fmt: skip
 
-    def set_trainable(self, student, trainable):
-        if trainable not in TRAINABLE_CHOICES:
-            raise ValueError(f"model.trainable={trainable!r}; choose one of {TRAINABLE_CHOICES}")
-        for name, param in student.named_parameters():
-            is_motion = "motion_modules" in name
-            param.requires_grad_(trainable == "all" or (trainable == "motion") == is_motion)
-        return [n for n, p in student.named_parameters() if p.requires_grad]
+    def trains(self, parameter_name: str, trainable: str) -> bool:
+        is_motion = "motion_modules" in parameter_name
+        return trainable == "all" or (trainable == "motion") == is_motion
 
     def encode_text(self, models, prompts, device) -> Conditioning:
         return Conditioning(
             encode_clip_prompts(models.text_encoders[0], models.tokenizers[0], prompts, device)
         )
 
-    def expand_conditioning(self, cond: Conditioning) -> Conditioning:
+    def expand_conditioning(self, models, cond: Conditioning) -> Conditioning:
         # UNetMotionModel takes one embedding per frame, (B·F, seq, dim), as AnimateDiffPipeline builds it.
-        return cond.map(lambda x: x.repeat_interleave(self.num_frames, dim=0))
+        return cond.map(lambda x: x.repeat_interleave(models.num_frames, dim=0))
 
     def encode_pixels(self, models, pixel_values):
         """(B, F, 3, H, W) clip pixels -> (B, 4, F, H/8, W/8) latents."""
-        if pixel_values.ndim != 5 or pixel_values.shape[1] != self.num_frames:
+        if pixel_values.ndim != 5 or pixel_values.shape[1] != models.num_frames:
             raise ValueError(
-                f"expected clips (B, {self.num_frames}, 3, H, W), got {tuple(pixel_values.shape)}; "
-                "model.num_frames and data.num_frames must agree"
+                f"expected clips (B, {models.num_frames}, 3, H, W), got {tuple(pixel_values.shape)}; "
+                "the dataset must give model.num_frames frames per clip"
             )
         b = pixel_values.shape[0]
         latents = encode_pixels_to_latents(models.vae, rearrange(pixel_values, "b f c h w -> (b f) c h w"))
@@ -174,6 +172,25 @@ class AnimateDiffFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def write_sample(self, models, pipe, request: dict, stem: Path, video_format: str) -> Path:
+        """A clip of ``models.num_frames`` frames as ``<stem>.<video_format>`` (gif | mp4), 8 fps."""
+        output = pipe(**request, num_frames=models.num_frames, output_type="pt")
+        frames = output.frames[0]  # (F, C, H, W) in [0, 1]
+        return export_video(frames.float().cpu(), stem.parent / f"{stem.name}.{video_format}", fps=8)
+
     def save_student(self, student: torch.nn.Module, folder: str) -> None:
         student.save_pretrained(f"{folder}/unet_motion", safe_serialization=True)
         student.save_motion_modules(f"{folder}/motion_adapter", safe_serialization=True)
+
+    def write_extra_outputs(self, student, delta, out: Path, metadata_for: MetadataFor) -> dict[str, Path]:
+        """With trained motion modules, for tools that read the original AnimateDiff layout (docs/method.md
+        §8): their ΔW (``delta_weights_motion_original.safetensors``) and the whole accelerated motion
+        module, pos_encoder included (``perflow_motion_module.safetensors``)."""
+        if not any(is_motion_key(k) for k in delta):
+            return {}
+        delta_path = out / "delta_weights_motion_original.safetensors"
+        layout = "animatediff_original"
+        save_delta_weights(delta_to_layout(delta, layout), delta_path, metadata_for(layout))
+        module_path = out / "perflow_motion_module.safetensors"
+        export_motion_module_original(student, module_path)
+        return {"delta_weights_motion_original": delta_path, "motion_module_original": module_path}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Literal, get_args
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+AttentionBackend = Literal["auto", "xformers", "sdpa"]  # auto: xformers if installed and CUDA, else SDPA
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 def xformers_available() -> bool:

@@ -1,8 +1,9 @@
 """The one small interface between the trainer and a model family (docs/method.md §6).
 
 The trainer never asks which family it trains: a family loads teacher and student, says which
-weights train, turns a data batch into (clean latents, conditioning) and builds the diffusers pipeline
-that samples the student. Image UNets, the SDXL UNet and the AnimateDiff motion UNet differ here only.
+weights train, turns a data batch into (clean latents, conditioning), builds the diffusers pipeline
+that samples the student and writes what its users load (samples, ΔW layouts, extra weight files).
+Image UNets, the SDXL UNet and the AnimateDiff motion UNet differ here only.
 """
 
 from __future__ import annotations
@@ -10,14 +11,25 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from perflow_video.errors import WeightsNotFoundError
+from perflow_video.family_names import FamilyName
 from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.weights.delta_weights import DeltaMetadata
 
-TRAINABLE_CHOICES = ("all", "motion", "spatial")
+#: ``model.trainable``: which student weights train (``motion`` / ``spatial`` only where there are motion modules).
+Trainable = Literal["motion", "spatial", "all"]
+#: What a family trains on: video clips (F, 3, H, W) or captioned images (3, H, W).
+DataKind = Literal["clips", "images"]
+#: The ΔW metadata of one file, given the key layout it is written in (built by the trainer from its config).
+MetadataFor = Callable[[str], DeltaMetadata]
 
 
 @dataclass
@@ -30,6 +42,9 @@ class FamilyModels:
         text_encoders / tokenizers: one (SD) or two (SDXL) each.
         scheduler_config: the teacher's noise-scheduler config (betas, prediction_type).
         base_model: where the teacher came from (for ΔW metadata).
+        resolution: square pixel size the models train and sample at (SDXL's time_ids carry it).
+        num_frames: frames per clip of a video family (the UNet takes one embedding per frame); None for images.
+        motion_adapter: where the motion modules came from (video families), else None.
     """
 
     teacher: torch.nn.Module
@@ -39,10 +54,16 @@ class FamilyModels:
     tokenizers: list
     scheduler_config: dict
     base_model: str
-    extras: dict = field(default_factory=dict)
+    resolution: int
+    num_frames: int | None = None
+    motion_adapter: str | None = None
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.teacher, self.vae, *self.text_encoders]
+
+    def delta_base(self) -> str:
+        """What ΔW is taken against, for its metadata: the base model (+ the motion adapter)."""
+        return self.base_model + (f" + {self.motion_adapter}" if self.motion_adapter else "")
 
 
 @dataclass
@@ -68,12 +89,12 @@ def is_single_file(path: str | None) -> bool:
     )
 
 
-def missing_weights_error(what: str, where: str, flag: str) -> FileNotFoundError:
+def missing_weights_error(what: str, where: str, flag: str) -> WeightsNotFoundError:
     """The error users see when weights are not where the config says."""
-    return FileNotFoundError(
+    return WeightsNotFoundError(
         f"could not load the {what} from {where!r}: it is neither a local diffusers folder / checkpoint file "
         f"nor a hub id available offline. Point {flag} at a local folder or file (or log in / download it "
-        f"first), e.g. {flag}=/path/to/stable-diffusion-v1-5"
+        f"first), e.g. {flag}=/path/to/a/diffusers/folder"
     )
 
 
@@ -110,12 +131,18 @@ def encode_pixels_to_latents(vae, pixels: Tensor, chunk: int = 16) -> Tensor:
 
 
 class ModelFamily(ABC):
-    """A model family (animatediff, sd15, sd21, sdxl)."""
+    """A model family (animatediff, sd15, sd21, sdxl). The defaults here are those of the image families.
 
-    name: str
+    Adapters hold no state: what a load found (resolution, frames, motion adapter) is in its FamilyModels.
+    """
+
+    name: FamilyName
     default_parameterization: str  # docs/method.md §6
-    default_resolution: int
-    is_video: bool = False
+    default_resolution: int  # pixels, square
+    default_trainable: Trainable  # model.trainable when the config says nothing
+    trainable_choices: tuple[Trainable, ...]  # the values model.trainable may take for this family
+    data_kind: DataKind = "images"
+    delta_layout: str = "diffusers_unet"  # key layout of delta_weights.safetensors (delta_weights.LAYOUTS)
 
     @abstractmethod
     def load(self, spec: FamilySpec) -> FamilyModels:
@@ -123,24 +150,29 @@ class ModelFamily(ABC):
 
     def set_trainable(self, student: torch.nn.Module, trainable: str) -> list[str]:
         """Freeze all but the chosen weights; returns the names of the trainable parameters."""
-        if trainable != "all":
+        if trainable not in self.trainable_choices:
             raise ValueError(
-                f"{self.name}: trainable={trainable!r} is only for animatediff; image models train 'all'"
+                f"model.trainable={trainable!r} for {self.name}; choose one of {self.trainable_choices}"
             )
-        student.requires_grad_(True)
+        for name, param in student.named_parameters():
+            param.requires_grad_(self.trains(name, trainable))
         return [n for n, p in student.named_parameters() if p.requires_grad]
+
+    def trains(self, parameter_name: str, trainable: str) -> bool:
+        """Whether the student parameter ``parameter_name`` trains under ``model.trainable`` (images: all)."""
+        return True
 
     @abstractmethod
     def encode_text(self, models: FamilyModels, prompts: list[str], device) -> Conditioning:
         """Text conditioning, one row per prompt ("" is the unconditional prompt)."""
 
-    def expand_conditioning(self, cond: Conditioning) -> Conditioning:
+    def expand_conditioning(self, models: FamilyModels, cond: Conditioning) -> Conditioning:
         """Per-prompt conditioning -> what the UNet takes (identity; the motion UNet repeats per frame)."""
         return cond
 
     def encode_prompts(self, models: FamilyModels, prompts: list[str], device) -> Conditioning:
         """The UNet's conditioning for a list of prompts."""
-        return self.expand_conditioning(self.encode_text(models, prompts, device))
+        return self.expand_conditioning(models, self.encode_text(models, prompts, device))
 
     @abstractmethod
     def encode_pixels(self, models: FamilyModels, pixel_values: Tensor) -> Tensor:
@@ -150,6 +182,23 @@ class ModelFamily(ABC):
     def pipeline(self, models: FamilyModels, student: torch.nn.Module, scheduler):
         """The family's diffusers pipeline around the student with the given scheduler (for samples)."""
 
+    def write_sample(self, models: FamilyModels, pipe, request: dict, stem: Path, video_format: str) -> Path:
+        """Sample one prompt with ``pipe(**request)`` and write it next to ``stem``; returns the file.
+
+        Images: ``<stem>.png`` (``video_format`` is for video families).
+        """
+        image = pipe(**request, output_type="pil").images[0]
+        path = stem.parent / f"{stem.name}.png"
+        image.save(path)
+        return path
+
     @abstractmethod
     def save_student(self, student: torch.nn.Module, folder: str) -> None:
         """Write the student in diffusers layout under ``folder``."""
+
+    def write_extra_outputs(
+        self, student: torch.nn.Module, delta: dict[str, Tensor], out: Path, metadata_for: MetadataFor
+    ) -> dict[str, Path]:
+        """Files beyond the student, its scheduler and ``delta_weights.safetensors`` that this family's
+        users load (e.g. other ΔW layouts); returns {name: path}. Image families: none."""
+        return {}

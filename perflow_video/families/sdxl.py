@@ -26,9 +26,8 @@ class SDXLFamily(ModelFamily):
     name = "sdxl"
     default_parameterization = "ddim_eps"
     default_resolution = 1024
-
-    def __init__(self):
-        self.resolution = self.default_resolution
+    default_trainable = "all"
+    trainable_choices = ("all",)  # no motion modules: the whole UNet trains
 
     def load(self, spec: FamilySpec) -> FamilyModels:
         path = resolve_model_path(spec.pretrained_model_name_or_path, self.name)
@@ -41,13 +40,15 @@ class SDXLFamily(ModelFamily):
         tok2 = load_component(CLIPTokenizer, path, "tokenizer_2", rev, None, FLAG)
         for module in (unet, vae, te1, te2):
             module.requires_grad_(False)
-        self.resolution = spec.resolution
         sched = load_scheduler_config(path, rev, FLAG)
-        return FamilyModels(unet, make_student(unet), vae, [te1, te2], [tok1, tok2], sched, path)
+        return FamilyModels(
+            unet, make_student(unet), vae, [te1, te2], [tok1, tok2], sched, path, spec.resolution
+        )
 
-    def time_ids(self, batch: int, device) -> torch.Tensor:
-        """(original_size, crop_top_left, target_size) micro-conditioning for uncropped square images."""
-        r = self.resolution
+    @staticmethod
+    def time_ids(resolution: int, batch: int, device) -> torch.Tensor:
+        """(original_size, crop_top_left, target_size) micro-conditioning for uncropped square images, (B, 6)."""
+        r = resolution
         return torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32, device=device).repeat(batch, 1)
 
     def encode_text(self, models, prompts, device) -> Conditioning:
@@ -61,7 +62,8 @@ class SDXLFamily(ModelFamily):
         empty = torch.tensor([p == "" for p in prompts], device=device)
         ehs = torch.where(empty[:, None, None], torch.zeros_like(ehs), ehs)
         pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        added = {"text_embeds": pooled, "time_ids": self.time_ids(len(prompts), device).to(pooled.dtype)}
+        time_ids = self.time_ids(models.resolution, len(prompts), device).to(pooled.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
         return Conditioning(ehs, added)
 
     def encode_pixels(self, models, pixel_values):

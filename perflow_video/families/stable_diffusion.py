@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from perflow_video.errors import ConfigError
 from perflow_video.families.base import (
     FamilyModels,
     FamilySpec,
@@ -18,6 +19,7 @@ from perflow_video.families.base import (
     make_student,
 )
 from perflow_video.families.loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.family_names import FamilyName
 from perflow_video.method.teacher_solver import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def load_single_file_pipeline(path: str, config: str) -> StableDiffusionPipeline
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not load the single checkpoint file {path} with the component configs of "
             f"model.single_file_config={config!r} ({type(err).__name__}: {str(err)[:300]}). Set "
             "model.single_file_config to a local diffusers folder (or a hub id available offline) of the same "
@@ -57,7 +59,7 @@ def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
     path = resolve_model_path(spec.pretrained_model_name_or_path, family)
     if is_single_file(path):
         if spec.single_file_config is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is a single checkpoint file: set model.single_file_config to a diffusers folder or hub id "
                 "of the same architecture (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) for its configs"
             )
@@ -80,7 +82,10 @@ def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x text-to-image UNets."""
 
-    def __init__(self, name: str, default_parameterization: str, default_resolution: int):
+    default_trainable = "all"
+    trainable_choices = ("all",)  # no motion modules: the whole UNet trains
+
+    def __init__(self, name: FamilyName, default_parameterization: str, default_resolution: int):
         self.name = name
         self.default_parameterization = default_parameterization
         self.default_resolution = default_resolution
@@ -89,7 +94,9 @@ class StableDiffusionFamily(ModelFamily):
         unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-        return FamilyModels(unet, make_student(unet), vae, [text_encoder], [tokenizer], sched_cfg, source)
+        return FamilyModels(
+            unet, make_student(unet), vae, [text_encoder], [tokenizer], sched_cfg, source, spec.resolution
+        )
 
     def encode_text(self, models, prompts, device) -> Conditioning:
         return Conditioning(

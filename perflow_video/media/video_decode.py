@@ -23,11 +23,13 @@ import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import av
 import numpy as np
 
-BACKENDS = ("auto", "decord", "pyav")
+DecoderBackend = Literal["auto", "decord", "pyav"]  # auto: decord where it can decode the file, else PyAV
+BACKENDS: tuple[str, ...] = get_args(DecoderBackend)
 
 # Short reason codes shared with the datasets' skip reports.
 MISSING_FILE = "missing_file"

@@ -17,11 +17,15 @@ import os
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal, get_args
 
 import av
 import numpy as np
 import torch
 from PIL import Image
+
+ClipFormat = Literal["gif", "mp4"]  # the clip files this module writes
+CLIP_FORMATS: tuple[str, ...] = get_args(ClipFormat)
 
 LAYOUTS = ("fchw", "cfhw")
 
@@ -231,7 +235,7 @@ def export_video(
         The written path.
     """
     suffix = Path(path).suffix.lower()
-    if suffix not in (".gif", ".mp4"):
+    if suffix.lstrip(".") not in CLIP_FORMATS:
         raise ValueError(f"{path}: unsupported extension {suffix!r}; use .gif or .mp4")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

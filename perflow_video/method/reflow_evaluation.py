@@ -34,7 +34,7 @@ from perflow_video.method.reflow_objective import (
 from perflow_video.method.teacher_solver import Conditioning
 
 #: Tag of the evaluation noise stream: item seeds are SeedSequence([seed, EVAL_STREAM, index]), a stream of
-#: its own (training draws are keyed by (seed, epoch, index) in another way, trainer.sample_generator).
+#: its own (training draws are keyed by (seed, epoch, index) in another way, training.step.sample_generator).
 EVAL_STREAM = 0x65F41
 
 

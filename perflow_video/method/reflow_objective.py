@@ -17,28 +17,40 @@ Loss weighting (``loss_weighting``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from perflow_video.method.parameterization import expand_like, get_parameterization
-from perflow_video.method.teacher_solver import Conditioning, solve_window, unet_output
+from perflow_video.method.parameterization import PredictionType, expand_like, get_parameterization
+from perflow_video.method.teacher_solver import (
+    Conditioning,
+    TeacherPredictionType,
+    solve_window,
+    unet_output,
+)
 from perflow_video.method.time_windows import abar_at, window_index
 
-LOSS_WEIGHTINGS = ("uniform", "endpoint")
+LossWeighting = Literal["uniform", "endpoint"]  # plain MSE | MSE times eta_t**2 (module docstring)
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 
 
 @dataclass
 class ReflowConfig:
     """The PeRFlow recipe (paper defaults for SD: K = 4, M = 8)."""
 
-    num_time_windows: int = 4  # K, uniform windows on t in [0, 1]
-    solver_steps: int = 8  # M, teacher DDIM steps inside one window
-    parameterization: str = "ddim_eps"  # ddim_eps (B) | diff_eps (A) | velocity
-    guidance_scale: float = 1.0  # teacher CFG w: 1.0 = CFG-sync, e.g. 7.5 = CFG-fixed
-    loss_weighting: str = "endpoint"  # uniform | endpoint (eta_t**2)
-    discrete_time: bool = False  # draw t on the grid {1/N, ..., 1} instead of uniformly in (0, 1]
-    teacher_prediction_type: str = "epsilon"  # epsilon | v_prediction (SD2.1 teachers)
+    # Each annotation carries the field's one-line meaning (listed by the training CLI's --help-config).
+    num_time_windows: Annotated[int, "K, uniform windows on t in [0, 1]"] = 4
+    solver_steps: Annotated[int, "M, teacher DDIM steps inside one window"] = 8
+    parameterization: Annotated[
+        PredictionType, "what the student predicts: ddim_eps = B (eq. 8), diff_eps = A (eq. 7)"
+    ] = "ddim_eps"
+    guidance_scale: Annotated[float, "teacher CFG w: 1.0 = CFG-sync, e.g. 7.5 = CFG-fixed"] = 1.0
+    loss_weighting: Annotated[LossWeighting, "endpoint: MSE times eta_t**2; uniform: plain MSE"] = "endpoint"
+    discrete_time: Annotated[bool, "draw t on the grid {1/N, ..., 1} instead of uniformly in (0, 1]"] = False
+    teacher_prediction_type: Annotated[
+        TeacherPredictionType, "what the teacher predicts (SD2.1: v_prediction)"
+    ] = "epsilon"
 
     def __post_init__(self):
         if self.num_time_windows < 1:

@@ -10,6 +10,7 @@ prompt embeddings). The solver never looks inside the conditioning; the family a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -17,7 +18,8 @@ from torch import Tensor
 from perflow_video.method.parameterization import expand_like
 from perflow_video.method.time_windows import abar_index_of_time
 
-TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction")
+TeacherPredictionType = Literal["epsilon", "v_prediction"]  # the teacher's diffusers prediction_type
+TEACHER_PREDICTION_TYPES: tuple[str, ...] = get_args(TeacherPredictionType)
 
 
 @dataclass

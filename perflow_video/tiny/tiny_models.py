@@ -41,7 +41,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from diffusers import (
     AnimateDiffPipeline,
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     MotionAdapter,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -56,6 +58,8 @@ from diffusers import (
     UNetMotionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from perflow_video.family_names import FAMILY_NAMES, FamilyName
 
 __all__ = [
     "FAMILIES",
@@ -77,7 +81,7 @@ __all__ = [
 ]
 
 #: Model families with a tiny default. ``animatediff`` = SD1.5 + motion adapter.
-FAMILIES: tuple[str, ...] = ("sd15", "sd21", "sdxl", "animatediff")
+FAMILIES: tuple[str, ...] = FAMILY_NAMES  # every family has a tiny model
 
 #: Seed offset of each pipeline component relative to the pipeline seed.
 SEED_OFFSETS: dict[str, int] = {
@@ -481,6 +485,50 @@ def tiny_scheduler(family: str = "sd15") -> DDIMScheduler:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _sd_pipeline(comps: dict) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _sdxl_pipeline(comps: dict) -> StableDiffusionXLPipeline:
+    # No invisible-watermark post-processing: outputs must be the raw VAE decode.
+    return StableDiffusionXLPipeline(**comps, add_watermarker=False)
+
+
+def _no_extras(seed: int) -> dict:
+    return {}
+
+
+def _sdxl_extras(seed: int) -> dict:
+    return {
+        "text_encoder_2": tiny_text_encoder_2(seed + SEED_OFFSETS["text_encoder_2"]),
+        "tokenizer_2": tiny_tokenizer(),
+    }
+
+
+def _animatediff_extras(seed: int) -> dict:
+    return {"motion_adapter": tiny_motion_adapter(seed + SEED_OFFSETS["motion_adapter"])}
+
+
+@dataclass(frozen=True)
+class _TinyFamily:
+    """How one family's tiny pipeline differs from the others."""
+
+    extra_components: Callable[[int], dict]  # pipeline seed -> components beyond vae/text/unet/scheduler
+    pipeline: Callable[[dict], DiffusionPipeline]  # the family's diffusers pipeline class around them
+    stored_as: FamilyName  # the pipeline layout save_tiny_model writes (animatediff: an SD1.5 folder)
+
+
+#: The tiny model of every family, by name.
+_TINY_FAMILIES: dict[FamilyName, _TinyFamily] = {
+    "sd15": _TinyFamily(_no_extras, _sd_pipeline, "sd15"),
+    "sd21": _TinyFamily(_no_extras, _sd_pipeline, "sd21"),
+    "sdxl": _TinyFamily(_sdxl_extras, _sdxl_pipeline, "sdxl"),
+    "animatediff": _TinyFamily(_animatediff_extras, lambda comps: AnimateDiffPipeline(**comps), "sd15"),
+}
+
+
 def tiny_components(family: str, seed: int = 0) -> dict:
     """All components of the family's diffusers pipeline, freshly built.
 
@@ -495,31 +543,14 @@ def tiny_components(family: str, seed: int = 0) -> dict:
         Keyword arguments for the family's pipeline class.
     """
     _check_family(family)
-    comps: dict = {
+    return {
         "vae": tiny_vae(seed + SEED_OFFSETS["vae"], family),
         "text_encoder": tiny_text_encoder(seed + SEED_OFFSETS["text_encoder"], family),
         "tokenizer": tiny_tokenizer(),
         "unet": tiny_unet(family, seed + SEED_OFFSETS["unet"]),
         "scheduler": tiny_scheduler(family),
+        **_TINY_FAMILIES[family].extra_components(seed),
     }
-    if family == "sdxl":
-        comps["text_encoder_2"] = tiny_text_encoder_2(seed + SEED_OFFSETS["text_encoder_2"])
-        comps["tokenizer_2"] = tiny_tokenizer()
-    if family == "animatediff":
-        comps["motion_adapter"] = tiny_motion_adapter(seed + SEED_OFFSETS["motion_adapter"])
-    return comps
-
-
-def _build_pipeline(family: str, comps: dict):
-    if family == "sdxl":
-        # No invisible-watermark post-processing: outputs must be the raw VAE decode.
-        return StableDiffusionXLPipeline(**comps, add_watermarker=False)
-    if family == "animatediff":
-        return AnimateDiffPipeline(**comps)
-    sd_comps = {k: v for k, v in comps.items() if k != "motion_adapter"}
-    return StableDiffusionPipeline(
-        **sd_comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
 
 
 def tiny_pipeline(family: str, seed: int = 0):
@@ -533,7 +564,8 @@ def tiny_pipeline(family: str, seed: int = 0):
     Returns:
         The pipeline; its progress bar is disabled.
     """
-    pipe = _build_pipeline(family, tiny_components(family, seed))
+    comps = tiny_components(family, seed)  # checks the name
+    pipe = _TINY_FAMILIES[family].pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -561,7 +593,7 @@ def save_tiny_model(family: str, folder: str | Path, seed: int = 0) -> Path:
     comps = tiny_components(family, seed)
     adapter = comps.pop("motion_adapter", None)
     # animatediff is stored as an SD1.5 folder (plain 2D UNet) + a separate motion adapter folder.
-    pipe = _build_pipeline("sd15" if family == "animatediff" else family, comps)
+    pipe = _TINY_FAMILIES[_TINY_FAMILIES[family].stored_as].pipeline(comps)
     pipe.save_pretrained(folder, safe_serialization=True)
     if adapter is not None:
         adapter.save_pretrained(folder / "motion_adapter", safe_serialization=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from perflow_video.atomic_files import atomic_destination
+from perflow_video.errors import PathNotFoundError
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -54,7 +55,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"run.resume_from_checkpoint={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
             f"complete ones: {[str(p) for p in complete_checkpoints(output_dir)] or 'none'}"
         )

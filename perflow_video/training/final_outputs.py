@@ -3,15 +3,17 @@
 * ``student/``: the student in diffusers layout (``unet/``; AnimateDiff: ``unet_motion/`` and
   ``motion_adapter/`` on its own),
 * ``scheduler/``: the PeRFlowScheduler config that samples it,
-* ``delta_weights.safetensors``: ΔW = student - teacher for what trained, with metadata,
-* AnimateDiff with trained motion modules, for tools that read the original layout:
-  ``delta_weights_motion_original.safetensors`` (ΔW) and ``perflow_motion_module.safetensors`` (the full
-  accelerated motion module, pos_encoder included).
+* ``delta_weights.safetensors``: ΔW = student - teacher for what trained, with metadata, in the family's
+  ``delta_layout``,
+* what else the family's users load (``ModelFamily.write_extra_outputs``); AnimateDiff with trained
+  motion modules, for tools that read the original layout: ``delta_weights_motion_original.safetensors``
+  (ΔW) and ``perflow_motion_module.safetensors`` (the full accelerated motion module, pos_encoder included).
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,14 +23,7 @@ from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.training.config_io import to_dict
 from perflow_video.training.samples import perflow_scheduler_for
 from perflow_video.training.train_config import TrainConfig
-from perflow_video.weights.animatediff_keys import export_motion_module_original
-from perflow_video.weights.delta_weights import (
-    DeltaMetadata,
-    compute_delta_weights,
-    delta_to_layout,
-    is_motion_key,
-    save_delta_weights,
-)
+from perflow_video.weights.delta_weights import DeltaMetadata, compute_delta_weights, save_delta_weights
 
 
 def delta_metadata(
@@ -70,23 +65,9 @@ def write_final_outputs(
 
     student_state = {k: v.float().cpu() for k, v in student.state_dict().items()}
     delta = compute_delta_weights(student_state, initial_weights, list(initial_weights))
-    layout = "diffusers_unet_motion" if family.is_video else "diffusers_unet"
-    base = models.base_model + (
-        f" + {models.extras['motion_adapter']}" if "motion_adapter" in models.extras else ""
-    )
-    save_delta_weights(
-        delta, out / "delta_weights.safetensors", delta_metadata(family.name, cfg, reflow, base, layout)
-    )
+    # layout -> the metadata of a ΔW file in that layout
+    metadata_for = partial(delta_metadata, family.name, cfg, reflow, models.delta_base())
+    save_delta_weights(delta, out / "delta_weights.safetensors", metadata_for(family.delta_layout))
     written["delta_weights"] = out / "delta_weights.safetensors"
-
-    if family.is_video and any(is_motion_key(k) for k in delta):
-        original = delta_to_layout(delta, "animatediff_original")
-        path = out / "delta_weights_motion_original.safetensors"
-        save_delta_weights(
-            original, path, delta_metadata(family.name, cfg, reflow, base, "animatediff_original")
-        )
-        written["delta_weights_motion_original"] = path
-        path = out / "perflow_motion_module.safetensors"
-        export_motion_module_original(student, path)
-        written["motion_module_original"] = path
+    written.update(family.write_extra_outputs(student, delta, out, metadata_for))
     return written

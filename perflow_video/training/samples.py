@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from perflow_video.families import FamilyModels, ModelFamily
-from perflow_video.media.video_export import export_video
 from perflow_video.scheduler import PeRFlowScheduler
 
 
@@ -34,13 +33,15 @@ def write_samples(
     prompts: list[str],
     out_dir: str | Path,
     resolution: int,
-    num_frames: int,
     num_inference_steps: int,
     guidance_scale: float,
     sample_format: str,
     seed: int,
 ) -> list[Path]:
-    """Generate one sample per prompt (same seed each time, so samples over training are comparable)."""
+    """Generate one sample per prompt (same seed each time, so samples over training are comparable).
+
+    Clips (``sample_format``: gif | mp4) or PNG images, as the family writes them.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = family.pipeline(models, student, scheduler)
@@ -49,26 +50,16 @@ def write_samples(
     written = []
     try:
         for i, prompt in enumerate(prompts):
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            common = dict(
+            request = dict(
                 prompt=prompt,
                 height=resolution,
                 width=resolution,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=generator,
+                generator=torch.Generator(device="cpu").manual_seed(seed + i),
             )
-            name = f"{i:02d}_{_slug(prompt)}"
-            if family.is_video:
-                frames = pipe(**common, num_frames=num_frames, output_type="pt").frames[
-                    0
-                ]  # (F, C, H, W) in [0, 1]
-                written.append(export_video(frames.float().cpu(), out_dir / f"{name}.{sample_format}", fps=8))
-            else:
-                image = pipe(**common, output_type="pil").images[0]
-                path = out_dir / f"{name}.png"
-                image.save(path)
-                written.append(path)
+            stem = out_dir / f"{i:02d}_{_slug(prompt)}"
+            written.append(family.write_sample(models, pipe, request, stem, sample_format))
     finally:
         student.train(was_training)
     return written

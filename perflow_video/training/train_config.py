@@ -1,121 +1,193 @@
 """The training recipe as dataclasses (the schema); YAML files in ``configs/`` hold only what differs.
 
-Every field has a one-line meaning. ``load_train_config`` layers: defaults <- YAML file <- flags
-<- ``key=value`` overrides; unknown keys and wrong types are errors that name the key.
+Each field's annotation carries its one-line meaning (``Annotated[type, "meaning"]``; ``--help-config``
+lists them), and every choice is a ``Literal`` named beside the code that owns it. ``load_train_config``
+layers: defaults <- the family's defaults <- YAML file <- flags <- ``key=value`` overrides, and the
+checks in the ``__post_init__`` methods run while the config is built (so ``--dry-run`` reports them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
+from pydantic import with_config
+
+from perflow_video.datasets.video_clips import ShortClipPolicy
+from perflow_video.families import Trainable, get_family
+from perflow_video.families.attention import AttentionBackend, xformers_available
+from perflow_video.family_names import FAMILY_NAMES, FamilyName
+from perflow_video.media.video_decode import DecoderBackend, decord_available
+from perflow_video.media.video_export import ClipFormat
 from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.training.config_io import (
-    ConfigError,
+    CONFIG_RULES,
     apply_overrides,
     from_dict,
     load_yaml_data,
     merge_dicts,
 )
 
+# The trainer's own choices (it hands them to accelerate / diffusers as they are).
+# diffusers.optimization names the trainer can build from warm-up and total steps alone.
+LRSchedule = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]  # accelerate's autocast dtype of the student step
+FrozenDtype = Literal["auto", "fp32", "fp16", "bf16"]  # auto: the mixed precision dtype
+ReportTo = Literal["tensorboard", "none"]  # where scalars go besides metrics.jsonl
+
 
 @dataclass
 class ModelConfig:
-    family: str = "animatediff"  # animatediff | sd15 | sd21 | sdxl
-    # hub id, local diffusers folder, single SD1.5 .safetensors/.ckpt file, or "tiny" (embedded CPU-sized model)
-    pretrained_model_name_or_path: str = "tiny"
-    motion_adapter: str | None = (
-        None  # animatediff: hub id, folder, original AnimateDiff .ckpt/.safetensors, or "tiny"
+    family: Annotated[
+        FamilyName, "model family (fills the defaults of resolution, trainable, parameterization)"
+    ] = "animatediff"
+    pretrained_model_name_or_path: Annotated[
+        str,
+        "hub id, local diffusers folder, single SD1.5 .safetensors/.ckpt file, or tiny (embedded CPU-sized model)",
+    ] = "tiny"
+    motion_adapter: Annotated[
+        str | None,
+        "animatediff: hub id, folder, original AnimateDiff .ckpt/.safetensors, or tiny (null: v1-5-2)",
+    ] = None
+    single_file_config: Annotated[
+        str | None,
+        "diffusers SD folder / hub id giving the component configs of a single-file SD1.5 checkpoint",
+    ] = None
+    motion_adapter_config: Annotated[
+        str | None,
+        "MotionAdapter folder / hub id whose config fits an original motion-module file (null: v1-5-2)",
+    ] = None
+    revision: Annotated[str | None, "hub revision of the base model"] = None
+    variant: Annotated[str | None, 'weight variant on the hub, e.g. "fp16"'] = None
+    trainable: Annotated[Trainable, "which student weights train (motion / spatial: animatediff only)"] = (
+        "motion"
     )
-    single_file_config: str | None = (
-        None  # diffusers SD folder / hub id giving the component configs of a single-file SD1.5 checkpoint
-    )
-    motion_adapter_config: str | None = (
-        None  # MotionAdapter folder / hub id whose config fits an original motion-module file (default v1-5-2)
-    )
-    revision: str | None = None  # hub revision of the base model
-    variant: str | None = None  # weight variant on the hub, e.g. "fp16"
-    trainable: str = "motion"  # animatediff: motion | spatial | all; image models: all
-    resolution: int = 384  # square training resolution in pixels (latents are resolution / 8)
-    num_frames: int = 16  # frames per clip (animatediff)
-    attention: str = "auto"  # auto (xformers if installed and CUDA, else SDPA) | xformers | sdpa
-    gradient_checkpointing: bool = False  # trade compute for memory in the student
+    resolution: Annotated[int, "square training resolution in pixels (latents are resolution / 8)"] = 384
+    num_frames: Annotated[int, "frames per clip (animatediff)"] = 16
+    attention: Annotated[
+        AttentionBackend, "attention kernels (auto: xformers if installed and CUDA, else SDPA)"
+    ] = "auto"
+    gradient_checkpointing: Annotated[bool, "trade compute for memory in the student"] = False
+
+    def __post_init__(self):
+        check_trainable(self.family, self.trainable)
+        check_attention(self.attention)
+        check_at_least("num_frames", self.num_frames, 1)
+        if self.resolution < 8 or self.resolution % 8:
+            raise ValueError(
+                f"resolution must be a positive multiple of 8 (the VAE's factor), got {self.resolution}"
+            )
 
 
 @dataclass
 class DataConfig:
-    train_data: str = (
-        "data/toy_clips/captions.csv"  # CSV (WebVid layout / path,caption) or a folder with sidecar .txt
+    train_data: Annotated[
+        str, "CSV (WebVid layout / path,caption) or a folder with sidecar .txt captions"
+    ] = "data/toy_clips/captions.csv"
+    video_dir: Annotated[str | None, "where a CSV's videos/images live (null: the CSV's folder)"] = None
+    video_column: Annotated[str, "CSV column naming the video file"] = "videoid"
+    caption_column: Annotated[str, "CSV column holding the caption"] = "name"
+    image_column: Annotated[str, "CSV column naming the image file (image models)"] = "path"
+    sample_stride: Annotated[int, "source frames between sampled frames (animatediff)"] = 4
+    short_clip_policy: Annotated[
+        ShortClipPolicy, "what to do with a clip shorter than num_frames * stride"
+    ] = "lower_stride"
+    backend: Annotated[DecoderBackend, "video decoder (auto: decord if installed, PyAV where it fails)"] = (
+        "auto"
     )
-    video_dir: str | None = None  # where a CSV's videos/images live (default: the CSV's folder)
-    video_column: str = "videoid"  # CSV column naming the video file
-    caption_column: str = "name"  # CSV column holding the caption
-    image_column: str = "path"  # CSV column naming the image file (image models)
-    sample_stride: int = 4  # source frames between sampled frames (animatediff)
-    short_clip_policy: str = (
-        "lower_stride"  # clip too short for num_frames*stride: lower_stride | loop | skip
-    )
-    backend: str = "auto"  # video decoder: auto | decord | pyav
-    random_flip: bool = False  # horizontal flips (wrong for captions that say left/right)
-    max_bad_fraction: float = 0.05  # stop when a larger fraction of the data is unreadable
-    num_workers: int = 0  # DataLoader workers per process
-    prompt_dropout: float = 0.1  # probability of training on the empty prompt (keeps CFG usable)
-    cache_latents: bool = (
-        False  # encode latents + text once into <output_dir>/latent_cache (epoch 0's crops reused)
-    )
+    random_flip: Annotated[bool, "horizontal flips (wrong for captions that say left/right)"] = False
+    max_bad_fraction: Annotated[float, "stop when a larger fraction of the data is unreadable"] = 0.05
+    num_workers: Annotated[int, "DataLoader workers per process"] = 0
+    prompt_dropout: Annotated[float, "probability of training on the empty prompt (keeps CFG usable)"] = 0.1
+    cache_latents: Annotated[
+        bool, "encode latents + text once into <output_dir>/latent_cache (epoch 0's crops reused)"
+    ] = False
+
+    def __post_init__(self):
+        check_at_least("sample_stride", self.sample_stride, 1)
+        check_at_least("num_workers", self.num_workers, 0)
+        for name in ("prompt_dropout", "max_bad_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.backend == "decord" and not decord_available():
+            raise ValueError(
+                "backend='decord' but decord is not installed (pip install decord2); use auto or pyav"
+            )
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = 1e-5  # AdamW peak learning rate (per process batch; not scaled automatically)
-    adam_beta1: float = 0.9  # AdamW first-moment decay
-    adam_beta2: float = 0.999  # AdamW second-moment decay
-    adam_weight_decay: float = 1e-5  # as the reference recipe
-    adam_epsilon: float = 1e-8  # AdamW denominator epsilon
-    lr_scheduler: str = "constant_with_warmup"  # any diffusers scheduler name: constant, cosine, linear, ...
-    lr_warmup_steps: int = 100  # optimizer steps of linear warm-up
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    train_batch_size: int = 1  # clips/images per process per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_train_steps: int = 1000  # optimizer steps
-    mixed_precision: str = "no"  # no | fp16 | bf16 (master weights of what trains stay fp32)
-    frozen_dtype: str = (
-        "auto"  # dtype of teacher/VAE/text encoders: auto (= mixed precision dtype) | fp32 | fp16 | bf16
+    learning_rate: Annotated[
+        float, "AdamW peak learning rate (per process batch; not scaled automatically)"
+    ] = 1e-5
+    adam_beta1: Annotated[float, "AdamW first-moment decay"] = 0.9
+    adam_beta2: Annotated[float, "AdamW second-moment decay"] = 0.999
+    adam_weight_decay: Annotated[float, "AdamW decoupled weight decay (as the reference recipe)"] = 1e-5
+    adam_epsilon: Annotated[float, "AdamW denominator epsilon"] = 1e-8
+    lr_scheduler: Annotated[LRSchedule, "learning-rate schedule (diffusers.optimization)"] = (
+        "constant_with_warmup"
     )
-    use_ema: bool = False  # keep an EMA of the trained weights and export it
-    ema_decay: float = 0.999  # EMA decay per optimizer step (with use_ema)
-    seed: int = 0  # everything random derives from it (data order, t, noise, dropout)
+    lr_warmup_steps: Annotated[int, "optimizer steps of linear warm-up"] = 100
+    max_grad_norm: Annotated[float, "gradient clipping (0 disables)"] = 1.0
+    train_batch_size: Annotated[int, "clips/images per process per micro-batch"] = 1
+    gradient_accumulation_steps: Annotated[int, "micro-batches per optimizer step"] = 1
+    max_train_steps: Annotated[int, "optimizer steps"] = 1000
+    mixed_precision: Annotated[MixedPrecision, "autocast dtype (master weights of what trains stay fp32)"] = (
+        "no"
+    )
+    frozen_dtype: Annotated[
+        FrozenDtype, "dtype of teacher / VAE / text encoders (auto: the mixed precision)"
+    ] = "auto"
+    use_ema: Annotated[bool, "keep an EMA of the trained weights and export it"] = False
+    ema_decay: Annotated[float, "EMA decay per optimizer step (with use_ema)"] = 0.999
+    seed: Annotated[int, "everything random derives from it (data order, t, noise, dropout)"] = 0
+
+    def __post_init__(self):
+        check_at_least("max_train_steps", self.max_train_steps, 1)  # 0 steps would export a zero ΔW
+        check_at_least("train_batch_size", self.train_batch_size, 1)
+        check_at_least("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_frozen_dtype(self.frozen_dtype, self.mixed_precision)
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "outputs/perflow-animatediff"  # run folder: checkpoints, logs, samples, final model, ΔW
-    checkpointing_steps: int = (
-        500  # save a resumable checkpoint every N optimizer steps (0 = only at the end)
+    output_dir: Annotated[str, "run folder: checkpoints, logs, samples, final model, ΔW"] = (
+        "outputs/perflow-animatediff"
     )
-    checkpoints_total_limit: int = 3  # keep the newest N checkpoints
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    validation_steps: int = 500  # write 4-step samples every N steps (0 = only at the end)
-    eval_steps: int = (
-        100  # log eval_loss, the objective on fixed draws at window starts, every N steps (0 = never)
+    checkpointing_steps: Annotated[
+        int, "save a resumable checkpoint every N optimizer steps (0 = only at the end)"
+    ] = 500
+    checkpoints_total_limit: Annotated[int, "keep the newest N checkpoints"] = 3
+    resume_from_checkpoint: Annotated[str | None, '"latest" or a checkpoint folder'] = None
+    validation_steps: Annotated[int, "write 4-step samples every N steps (0 = only at the end)"] = 500
+    eval_steps: Annotated[
+        int, "log eval_loss, the objective on fixed draws at window starts, every N steps (0 = never)"
+    ] = 100
+    eval_samples: Annotated[int, "training items in that fixed set (teacher targets computed once)"] = 16
+    validation_prompts: Annotated[list[str], "prompts of the sample clips / images ([] = no samples)"] = (
+        field(default_factory=lambda: ["a red circle moving left"])
     )
-    eval_samples: int = 16  # training items in that fixed set (teacher targets computed once)
-    validation_prompts: list[str] = field(
-        default_factory=lambda: ["a red circle moving left"]
-    )  # prompts of the sample clips / images ([] = no samples)
-    num_inference_steps: int = 4  # sampling steps for the samples
-    guidance_scale: float = 1.0  # CFG when sampling the student (CFG-sync students: ~4.5; CFG-fixed: 1-2.5)
-    sample_format: str = "gif"  # gif | mp4 (video families)
-    log_every: int = 10  # optimizer steps between TensorBoard scalars
-    report_to: str = "tensorboard"  # tensorboard | none
-    max_consecutive_nonfinite: int = 5  # stop after this many NaN/inf losses in a row
+    num_inference_steps: Annotated[int, "sampling steps for the samples"] = 4
+    guidance_scale: Annotated[
+        float, "CFG when sampling the student (CFG-sync students: ~4.5; CFG-fixed: 1-2.5)"
+    ] = 1.0
+    sample_format: Annotated[ClipFormat, "file format of the sample clips (video families)"] = "gif"
+    log_every: Annotated[int, "optimizer steps between TensorBoard scalars"] = 10
+    report_to: Annotated[ReportTo, "scalar logger besides metrics.jsonl"] = "tensorboard"
+    max_consecutive_nonfinite: Annotated[int, "stop after this many NaN/inf losses in a row"] = 5
 
     def __post_init__(self):
-        if self.eval_steps < 0 or self.eval_samples < 1:
-            raise ValueError(
-                f"eval_steps must be >= 0 and eval_samples >= 1, got {self.eval_steps} and {self.eval_samples}"
-            )
+        check_at_least("eval_steps", self.eval_steps, 0)
+        check_at_least("eval_samples", self.eval_samples, 1)
+        check_at_least("checkpointing_steps", self.checkpointing_steps, 0)
+        check_at_least("validation_steps", self.validation_steps, 0)
+        check_at_least("log_every", self.log_every, 1)
+        check_at_least("num_inference_steps", self.num_inference_steps, 1)
 
 
+@with_config(CONFIG_RULES)
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,32 +197,76 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Cross-field rules (raise ValueError; the loader prefixes the section)
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_at_least(name: str, value: int, minimum: int) -> None:
+    """A count the run cannot do without, e.g. ``max_train_steps`` >= 1."""
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_trainable(family: str, trainable: str) -> None:
+    """``trainable`` is one the family offers (image families have no motion modules: only "all")."""
+    choices = get_family(family).trainable_choices
+    if trainable not in choices:
+        listed = " | ".join(repr(c) for c in choices)
+        raise ValueError(f"trainable={trainable!r} does not fit family {family!r}; choose {listed}")
+
+
+def check_attention(attention: str) -> None:
+    """A forced xformers must be importable (whether CUDA is present is checked when the run starts)."""
+    if attention == "xformers" and not xformers_available():
+        raise ValueError(
+            "attention='xformers' but xformers is not installed: pip install 'perflow-video[xformers]' "
+            "or use attention=sdpa (or auto)"
+        )
+
+
+def check_frozen_dtype(frozen_dtype: str, mixed_precision: str) -> None:
+    """Half-precision frozen models need a mixed-precision run (its autocast matches their dtype)."""
+    if frozen_dtype in ("fp16", "bf16") and mixed_precision == "no":
+        raise ValueError(
+            f"frozen_dtype={frozen_dtype} needs mixed_precision=fp16 or bf16 (or frozen_dtype=fp32 / auto)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a config
+# ----------------------------------------------------------------------------------------------------
+
+
+def family_defaults(name: str) -> dict:
+    """What a config leaves unsaid, from the family adapter (docs/method.md §6): its parameterization,
+    resolution and trainable weights, so that ``model.family=sd21`` alone trains ``velocity`` at 768."""
+    family = get_family(name)
+    return {
+        "model": {"resolution": family.default_resolution, "trainable": family.default_trainable},
+        "reflow": {"parameterization": family.default_parameterization},
+    }
+
+
+def with_family_defaults(data: dict) -> dict:
+    """``data`` over its family's defaults; an unknown family is left for the schema to report."""
+    model = data.get("model")
+    name = model.get("family", ModelConfig.family) if isinstance(model, dict) else ModelConfig.family
+    if name not in FAMILY_NAMES:
+        return data
+    return merge_dicts(family_defaults(name), data)
+
+
+def build_train_config(data: dict) -> TrainConfig:
+    """A TrainConfig from plain data over the family defaults; all checks run (ConfigError if one fails)."""
+    return from_dict(TrainConfig, with_family_defaults(data))
+
+
 def load_train_config(config_path: str | None, flag_values: dict, overrides: list[str]) -> TrainConfig:
-    """defaults <- YAML file <- flags (dotted keys, None = not given) <- ``key=value`` overrides."""
+    """defaults <- family <- YAML file <- flags (dotted keys, None = not given) <- ``key=value`` overrides."""
     data = load_yaml_data(config_path) if config_path else {}
     for key, value in flag_values.items():
         if value is not None:
             section, name = key.split(".")
             data = merge_dicts(data, {section: {name: value}})
-    data = apply_overrides(data, overrides)
-    return from_dict(TrainConfig, with_family_defaults(data))
-
-
-def with_family_defaults(data: dict) -> dict:
-    """Fill what the config leaves unsaid from the family (docs/method.md §6): its parameterization and
-    resolution, so that ``model.family=sd21`` alone trains ``velocity`` at 768."""
-    from perflow_video.families import get_family  # imports diffusers; only needed once a config is resolved
-
-    model = data.get("model") or {}
-    name = model.get("family", ModelConfig.family)
-    try:
-        family = get_family(name)
-    except ValueError as err:
-        raise ConfigError(f"model.family: {err}") from err
-    defaults = {
-        "model": {"resolution": family.default_resolution},
-        "reflow": {"parameterization": family.default_parameterization},
-    }
-    if name != "animatediff":
-        defaults["model"]["trainable"] = "all"  # image models have no motion modules
-    return merge_dicts(defaults, data)
+    return build_train_config(apply_overrides(data, overrides))

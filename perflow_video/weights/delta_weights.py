@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from perflow_video._version import __version__
 from perflow_video.atomic_files import write_safetensors_atomic
+from perflow_video.family_names import FAMILY_NAMES
+from perflow_video.method.parameterization import PREDICTION_TYPES
 from perflow_video.weights.animatediff_keys import (
     diffusers_to_original,
     is_diffusers_motion_key,
@@ -45,8 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("animatediff", "sd15", "sd21", "sdxl")
-PARAMETERIZATIONS = ("ddim_eps", "diff_eps", "velocity")
+FAMILIES = FAMILY_NAMES  # the names ΔW metadata may carry (perflow_video.family_names)
+PARAMETERIZATIONS = PREDICTION_TYPES  # perflow_video.method.parameterization
 CFG_MODES = ("sync", "fixed")
 LAYOUTS = ("diffusers_unet", "diffusers_unet_motion", "motion_adapter", "animatediff_original")
 
