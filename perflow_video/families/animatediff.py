@@ -24,7 +24,12 @@ from perflow_video.families.base import (
     make_student,
     missing_weights_error,
 )
-from perflow_video.families.loading import TINY_PREFIX, load_component, resolve_model_path
+from perflow_video.families.loading import (
+    DEFAULT_MOTION_ADAPTER,
+    TINY_PREFIX,
+    load_component,
+    resolve_model_path,
+)
 from perflow_video.families.stable_diffusion import load_sd_parts
 from perflow_video.media.video_export import export_video
 from perflow_video.method.teacher_solver import Conditioning
@@ -34,7 +39,6 @@ from perflow_video.weights.delta_weights import delta_to_layout, is_motion_key, 
 logger = logging.getLogger(__name__)
 FLAG = "model.motion_adapter"
 # The motion adapter users pair with SD1.5 for 16-frame clips; its config is read for single files.
-DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:

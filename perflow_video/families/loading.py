@@ -28,7 +28,8 @@ EXAMPLE_WEIGHTS: dict[FamilyName, str] = {
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-EXAMPLE_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
+# The motion adapter a recipe gets when it names none, and the example the error messages give.
+DEFAULT_MOTION_ADAPTER = EXAMPLE_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 # The file that marks a hub repo as downloaded: a pipeline's index, a single model's config.
 PIPELINE_MARKER, MODEL_MARKER = "model_index.json", "config.json"
 

@@ -315,7 +315,7 @@ VAE_CONFIG: dict = {
 TINY_LATENT_STD = 0.27
 # Bump when the tiny models change, so cached copies (families/loading.py) are rebuilt.
 TINY_MODELS_VERSION = 2
-_VAE_SCALING = {family: round(1.0 / TINY_LATENT_STD, 3) for family in ("sd15", "sd21", "sdxl", "animatediff")}
+_VAE_SCALING = {family: round(1.0 / TINY_LATENT_STD, 3) for family in FAMILY_NAMES}
 
 
 def tiny_vae(seed: int = 0, family: str = "sd15") -> AutoencoderKL:
