@@ -1,0 +1,12 @@
+"""Generate 4-step clips from a trained PeRFlow student (or the embedded tiny default).
+
+python scripts/generate.py --run outputs/<run> --prompt "a red circle moving left" --output clip.mp4
+(--help lists every flag.)
+"""
+
+import sys
+
+from perflow_video.generation.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
