@@ -3,6 +3,14 @@ the CLIs print their message alone (no traceback) and exit with status 2."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
+#: The exit status of a command line that stopped on a user error.
+USER_ERROR_STATUS = 2
+# torch re-raises a DataLoader worker's exception with the worker's traceback as its message.
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
+
 
 class UserError(Exception):
     """Something the user gave is wrong (config, data path, checkpoint); the message says what and where.
@@ -22,3 +30,24 @@ class PathNotFoundError(UserError, FileNotFoundError):
 
 class WeightsNotFoundError(UserError, FileNotFoundError):
     """Weights the config names are not there (and will not be downloaded); the message names the key."""
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error; for one re-raised from a DataLoader worker, the worker's own message."""
+    text = str(err)
+    if _WORKER_TRACEBACK not in text:
+        return text
+    _, found, message = text.rpartition(f"{type(err).__qualname__}: ")
+    return message.strip() if found else text
+
+
+def exit_status_of(command: Callable[[], int], debug: bool) -> int:
+    """Run a command line's body: a :class:`UserError` becomes one ``error:`` line on stderr and
+    :data:`USER_ERROR_STATUS` (with ``debug``, it is raised with its traceback); other errors raise."""
+    try:
+        return command()
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        return USER_ERROR_STATUS

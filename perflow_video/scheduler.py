@@ -269,3 +269,12 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def perflow_scheduler_for(
+    teacher_scheduler_config: dict, parameterization: str, num_windows: int
+) -> PeRFlowScheduler:
+    """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas)."""
+    return PeRFlowScheduler.from_config(
+        teacher_scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
+    )

@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import constants
 
 from perflow_video.datasets.video_clips import BadDataError
+from perflow_video.errors import user_message
 from perflow_video.families.loading import (
     EXAMPLE_WEIGHTS,
     PIPELINE_MARKER,
@@ -137,8 +138,8 @@ def test_a_dataloader_worker_error_is_shown_as_its_own_message():
     with pytest.raises(BadDataError) as info:
         next(iter(loader))
     assert "Traceback" in str(info.value)  # torch puts the worker's traceback into the message
-    assert cli.user_message(info.value) == "more than 5.0% of the dataset is unusable; skipped 2 of 2 items"
-    assert cli.user_message(ConfigError("optim.x: bad")) == "optim.x: bad"
+    assert user_message(info.value) == "more than 5.0% of the dataset is unusable; skipped 2 of 2 items"
+    assert user_message(ConfigError("optim.x: bad")) == "optim.x: bad"
 
 
 def _fake_cache(root: Path, repo_id: str, filename: str) -> None:

@@ -7,13 +7,12 @@ is one ``error: ...`` line on stderr and exit status 2; ``--debug`` shows its tr
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from perflow_video.errors import ConfigError, UserError
+from perflow_video.errors import ConfigError, exit_status_of
+from perflow_video.media.video_export import CLIP_FORMATS
 
-USER_ERROR_STATUS = 2
 DEFAULT_OUTPUT = "generated"
 
 EPILOG = """\
@@ -39,59 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
-    add = parser.add_argument
-    add(
-        "--prompt",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="a prompt (repeat the flag for several; one clip each, in the order given)",
-    )
-    add(
-        "--prompts",
-        metavar="FILE",
-        help="a text file with one prompt per line (blank lines and lines starting with # are skipped); "
-        "its prompts follow those of --prompt",
-    )
-    add("--negative_prompt", metavar="TEXT", help="negative prompt (used only with --guidance_scale > 1)")
-    add("--steps", type=int, default=4, help="sampling steps (default: 4, one per PeRFlow time window)")
-    add(
-        "--guidance_scale",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance scale; 1 (default) = no CFG, one UNet evaluation per step, "
-        "> 1 = two per step",
-    )
-    add(
-        "--num_frames",
-        type=int,
-        help="frames per clip (default: the run's model.num_frames; 16 for the tiny teacher); at most the "
-        "motion modules' motion_max_seq_length",
-    )
-    add("--height", type=int, help="clip height in pixels (default: the run's / model's resolution)")
-    add("--width", type=int, help="clip width in pixels (default: the run's / model's resolution)")
-    add(
-        "--seed",
-        type=int,
-        default=0,
-        help="random seed (default: 0); prompt i uses seed + i, so the same seed gives the same clips",
-    )
-    add("--fps", type=float, default=8, help="frame rate of the written clips (default: 8)")
-    add(
-        "--output",
-        default=DEFAULT_OUTPUT,
-        metavar="PATH",
-        help="a .gif or .mp4 file (one prompt), or a folder (default: %(default)s/): then clips are "
-        "named NN_<prompt slug>.<format> in prompt order beside clips.json (prompt, seed, steps, "
-        "guidance, model and file of each)",
-    )
-    add(
-        "--format",
-        dest="video_format",
-        choices=("gif", "mp4"),
-        default="mp4",
-        help="clip format when --output is a folder (default: mp4)",
-    )
+    _add_model_flags(parser)
+    _add_prompt_flags(parser)
+    _add_sampling_flags(parser)
+    _add_output_flags(parser)
+    _add_device_flags(parser)
+    return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the student comes from (see the epilog)."""
+    add = parser.add_argument_group("model source").add_argument
     add(
         "--run",
         metavar="DIR",
@@ -121,6 +78,78 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="scale of the delta (default: 1 = the trained student; 0 = the base model)",
     )
+
+
+def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    """What to generate."""
+    add = parser.add_argument_group("prompts").add_argument
+    add(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a prompt (repeat the flag for several; one clip each, in the order given)",
+    )
+    add(
+        "--prompts",
+        metavar="FILE",
+        help="a text file with one prompt per line (blank lines and lines starting with # are skipped); "
+        "its prompts follow those of --prompt",
+    )
+    add("--negative_prompt", metavar="TEXT", help="negative prompt (used only with --guidance_scale > 1)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """How to sample: steps, guidance, size, seed."""
+    add = parser.add_argument_group("sampling").add_argument
+    add("--steps", type=int, default=4, help="sampling steps (default: 4, one per PeRFlow time window)")
+    add(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale; 1 (default) = no CFG, one UNet evaluation per step, "
+        "> 1 = two per step",
+    )
+    add(
+        "--num_frames",
+        type=int,
+        help="frames per clip (default: the run's model.num_frames; 16 for the tiny teacher); at most the "
+        "motion modules' motion_max_seq_length",
+    )
+    add("--height", type=int, help="clip height in pixels (default: the run's / model's resolution)")
+    add("--width", type=int, help="clip width in pixels (default: the run's / model's resolution)")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed (default: 0); prompt i uses seed + i, so the same seed gives the same clips",
+    )
+    add("--fps", type=float, default=8, help="frame rate of the written clips (default: 8)")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the clips go."""
+    add = parser.add_argument_group("output").add_argument
+    add(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        metavar="PATH",
+        help="a .gif or .mp4 file (one prompt), or a folder (default: %(default)s/): then clips are "
+        "named NN_<prompt slug>.<format> in prompt order beside clips.json (prompt, seed, steps, "
+        "guidance, model and file of each)",
+    )
+    add(
+        "--format",
+        dest="video_format",
+        choices=CLIP_FORMATS,
+        default="mp4",
+        help="clip format when --output is a folder (default: mp4)",
+    )
+
+
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """Device, dtype and debugging."""
+    add = parser.add_argument_group("device").add_argument
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add(
         "--dtype",
@@ -128,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and activations dtype (default: bf16 on CUDA, fp32 on CPU)",
     )
     add("--debug", action="store_true", help="show the traceback of a user error")  # fmt: skip
-    return parser
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -146,13 +174,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except UserError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return USER_ERROR_STATUS
+    return exit_status_of(lambda: _main(args), args.debug)
 
 
 def _main(args: argparse.Namespace) -> int:

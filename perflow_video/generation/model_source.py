@@ -21,7 +21,7 @@ from diffusers import UNetMotionModel
 from perflow_video.errors import ConfigError, PathNotFoundError, WeightsNotFoundError
 from perflow_video.families import FamilyModels, FamilySpec, ModelFamily, get_family
 from perflow_video.method.reflow_objective import ReflowConfig
-from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.scheduler import PeRFlowScheduler, perflow_scheduler_for
 from perflow_video.weights.delta_weights import apply_delta_weights, load_delta_weights
 
 #: Where ``python scripts/train_animatediff.py`` (no flags) writes its run, relative to the working directory.
@@ -148,20 +148,15 @@ def load_run(run: str | Path, num_frames: int | None = None) -> LoadedModel:
     return _finish(family, models, student, scheduler, os.fspath(run), spec.resolution, run_frames)
 
 
-def _perflow_scheduler(scheduler_config: dict, parameterization: str, num_windows: int) -> PeRFlowScheduler:
-    """A PeRFlowScheduler on the teacher's own noise schedule (as the training writes scheduler/)."""
-    return PeRFlowScheduler.from_config(
-        scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
-    )
-
-
 def load_tiny_teacher(num_frames: int | None = None) -> LoadedModel:
     """The embedded tiny AnimateDiff itself (no training), sampled with a PeRFlowScheduler on its schedule."""
     family = get_family("animatediff")
     spec = FamilySpec("tiny", "tiny", None, None, None, TINY_RESOLUTION, num_frames or TINY_NUM_FRAMES)
     models = family.load(spec)
     reflow = ReflowConfig()
-    scheduler = _perflow_scheduler(models.scheduler_config, reflow.parameterization, reflow.num_time_windows)
+    scheduler = perflow_scheduler_for(
+        models.scheduler_config, reflow.parameterization, reflow.num_time_windows
+    )
     return _finish(
         family,
         models,
@@ -243,7 +238,7 @@ def load_base(
         description += f" + {delta_scale:g} x ΔW {delta}"
     parameterization = meta.parameterization if meta else ReflowConfig().parameterization
     windows = meta.num_time_windows if meta else ReflowConfig().num_time_windows
-    scheduler = _perflow_scheduler(models.scheduler_config, parameterization, windows)
+    scheduler = perflow_scheduler_for(models.scheduler_config, parameterization, windows)
     return _finish(family, models, unet, scheduler, description, resolution, run_frames)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from perflow_video.errors import ConfigError, UserError
+from perflow_video.errors import ConfigError, exit_status_of
 from perflow_video.families import ADAPTERS
 from perflow_video.training.config_help import config_reference
 from perflow_video.training.config_io import diff_from_defaults, to_dict
@@ -24,12 +24,7 @@ from perflow_video.training.train_config import TrainConfig, load_train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
-# Every mistake in what the user gave is a UserError (perflow_video.errors), BadDataError included.
-USER_ERRORS = (UserError,)
-USER_ERROR_STATUS = 2
 IMAGE_FAMILIES = [name for name, family in ADAPTERS.items() if family.data_kind == "images"]
-# torch re-raises a DataLoader worker's exception with the worker's traceback as its message.
-_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 
 
 def build_parser(description: str, with_model: bool) -> argparse.ArgumentParser:
@@ -88,24 +83,10 @@ def check_family(cfg: TrainConfig, families: tuple[str, ...]) -> None:
         raise ConfigError(f"model.family={cfg.model.family!r}, but this script trains {' / '.join(families)}")
 
 
-def user_message(err: BaseException) -> str:
-    """The message of a user error; for one re-raised from a DataLoader worker, the worker's own message."""
-    text = str(err)
-    if _WORKER_TRACEBACK not in text:
-        return text
-    _, found, message = text.rpartition(f"{type(err).__qualname__}: ")
-    return message.strip() if found else text
-
-
 def run(args: argparse.Namespace, default_config: Path, families: tuple[str, ...]) -> int:
     """``--help-config``, ``--dry-run`` or train; a user error exits with status 2 (``--debug``: raises)."""
-    try:
-        return _run(args, Path(args.config) if args.config else default_config, families)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return USER_ERROR_STATUS
+    config_path = Path(args.config) if args.config else default_config
+    return exit_status_of(lambda: _run(args, config_path, families), args.debug)
 
 
 def _run(args: argparse.Namespace, config_path: Path, families: tuple[str, ...]) -> int:

@@ -20,8 +20,8 @@ import torch
 
 from perflow_video.families import FamilyModels, ModelFamily
 from perflow_video.method.reflow_objective import ReflowConfig
+from perflow_video.scheduler import perflow_scheduler_for
 from perflow_video.training.config_io import to_dict
-from perflow_video.training.samples import perflow_scheduler_for
 from perflow_video.training.train_config import TrainConfig
 from perflow_video.weights.delta_weights import DeltaMetadata, compute_delta_weights, save_delta_weights
 

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from perflow_video.families import FamilyModels, ModelFamily
+from perflow_video.generation.prompts import slug
 from perflow_video.scheduler import PeRFlowScheduler
-
-
-def perflow_scheduler_for(
-    teacher_scheduler_config: dict, parameterization: str, num_windows: int
-) -> PeRFlowScheduler:
-    """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas)."""
-    return PeRFlowScheduler.from_config(
-        teacher_scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
-    )
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "empty"
 
 
 @torch.no_grad()
@@ -58,7 +45,7 @@ def write_samples(
                 guidance_scale=guidance_scale,
                 generator=torch.Generator(device="cpu").manual_seed(seed + i),
             )
-            stem = out_dir / f"{i:02d}_{_slug(prompt)}"
+            stem = out_dir / f"{i:02d}_{slug(prompt)}"
             written.append(family.write_sample(models, pipe, request, stem, sample_format))
     finally:
         student.train(was_training)

@@ -22,6 +22,7 @@ from perflow_video.atomic_files import atomic_destination
 from perflow_video.errors import UserError
 from perflow_video.families import get_family
 from perflow_video.method.reflow_evaluation import evaluate_student
+from perflow_video.scheduler import perflow_scheduler_for
 from perflow_video.training import checkpointing
 from perflow_video.training.final_outputs import write_final_outputs
 from perflow_video.training.metrics_log import append_metrics, metric_history
@@ -36,7 +37,7 @@ from perflow_video.training.run_setup import (
     start_run_folder,
 )
 from perflow_video.training.run_state import Run
-from perflow_video.training.samples import perflow_scheduler_for, write_samples
+from perflow_video.training.samples import write_samples
 from perflow_video.training.step import per_sample_draws, perflow_step
 from perflow_video.training.train_config import TrainConfig
 from perflow_video.training.training_data import build_dataset, encode_batch
