@@ -22,6 +22,19 @@ silently forced n = K instead.
 Euler ``z_next = z + (tau_next - tau) / 1000 * v`` (tau_next = 0 after the last step).
 Classifier-free guidance is applied to the prediction before ``step`` (equivalent to CFG on v).
 
+Video-to-video / img2img (``strength``): diffusers' ``AnimateDiffVideoToVideoPipeline`` (and the
+image-to-image pipelines) call ``set_timesteps(n)``, keep the last ``int(n * strength)`` timesteps, noise
+the encoded input with ``add_noise(z_0, eps, first kept timestep)`` and step from there; some call
+``set_begin_index(first kept index)`` first. ``add_noise`` at timestep tau is the teacher's marginal at
+t = tau / N, ``sqrt(abar[tau - 1]) z_0 + sqrt(1 - abar[tau - 1]) eps`` (docs/method.md §1): at a window
+start this is exactly the z_s the student was trained on (Algorithm 1, step 3). For K = 4, n = 4 the kept
+timesteps are [1000, 750, 500, 250] (strength 1), [750, 500, 250] (0.75), [500, 250] (0.5): always window
+starts. With more steps than windows a strength can start inside a window (n = 6, strength 0.5 keeps
+[625, 500, 250]); there the student was trained on the straight segment between two teacher marginals, and
+the teacher's marginal at t is the closest noising a data latent has (an approximation, not the segment).
+``step`` tracks ``step_index`` as diffusers' schedulers do: from ``begin_index`` when one was set, else from
+the first timestep it is given (the timesteps are unique, so a timestep's value names its step).
+
 ``from_config``: a teacher's DDIM / PNDM / ... config says ``prediction_type="epsilon"`` about the
 *teacher*; it does not say which PeRFlow parameterization the student was trained with. Converting
 such a (non-PeRFlow) config therefore requires ``prediction_type=`` to be named, and raises otherwise
@@ -150,6 +163,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         )
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
         # Placeholder until set_timesteps (step() refuses to run before it): one step per window.
         self.timesteps = torch.from_numpy(
             perflow_timesteps(num_time_windows, num_time_windows, num_train_timesteps)
@@ -208,8 +223,27 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{n} steps over {K} windows put two steps on the same integer timestep")
         self.num_inference_steps = n
         self.timesteps = taus.to(device)
+        self._step_index = None
+        self._begin_index = None
 
-    def _index_of(self, timestep: int | torch.Tensor) -> int:
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step`` (None before the first one)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first timestep to step, as set by a pipeline with ``set_begin_index`` (else None)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start sampling at ``timesteps[begin_index]`` (img2img / video-to-video pipelines call it)."""
+        if self.num_inference_steps is not None and not 0 <= int(begin_index) < len(self.timesteps):
+            raise ValueError(f"begin_index {begin_index} out of range for {len(self.timesteps)} timesteps")
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
+        """Position of a timestep in ``timesteps`` (they are unique, so its value names its step)."""
         tau = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
         hits = (self.timesteps.cpu() == tau).nonzero()
         if hits.numel() == 0:
@@ -217,6 +251,23 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 f"timestep {tau} is not one of the scheduler's timesteps {self.timesteps.tolist()}"
             )
         return int(hits[0])
+
+    def _init_step_index(self, timestep: int | torch.Tensor) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _index_of(self, timestep: int | torch.Tensor) -> int:
+        """The step index for ``timestep``: the tracked ``step_index`` (started from ``begin_index`` or the
+        first timestep), re-synchronised by value if the caller stepped another timestep."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        idx = self._step_index
+        tau = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        if not (0 <= idx < len(self.timesteps) and int(self.timesteps[idx]) == tau):
+            idx = self.index_for_timestep(timestep)
+        return idx
 
     def step(
         self,
@@ -252,6 +303,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         dt = float(tau_next - tau) / N
         prev_sample = (sample.double() + dt * v).to(sample.dtype)
         window_end = (sample.double() + float(t_e - t) * v).to(sample.dtype)
+        self._step_index = idx + 1
         if not return_dict:
             return (prev_sample,)
         return PeRFlowSchedulerOutput(prev_sample=prev_sample, pred_window_end=window_end)
@@ -259,13 +311,22 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """z_t = sqrt(abar(t)) z_0 + sqrt(1 - abar(t)) eps with t = tau / N (abar index tau - 1, docs/method.md §1)."""
-        t = time_of_timestep(torch.as_tensor(timesteps).reshape(-1).cpu(), self.config.num_train_timesteps)
-        abar = abar_at(t, self.alphas_cumprod).to(
-            device=original_samples.device, dtype=original_samples.dtype
-        )
+        """The teacher's marginal at t = tau / N: ``sqrt(abar[tau - 1]) z_0 + sqrt(1 - abar[tau - 1]) eps``.
+
+        abar index ``tau - 1`` (clamped to 0), docs/method.md §1. At a window start t_s this is the z_s of
+        Algorithm 1 step 3, the latent the student was trained on there (see the module docstring for
+        video-to-video). ``timesteps``: one per sample along the first axis, or one for all; the
+        coefficients are computed in float64 and cast to the samples' dtype.
+        """
+        taus = torch.as_tensor(timesteps).reshape(-1).cpu()
+        if taus.numel() == 0:
+            raise ValueError("add_noise: no timestep given (a strength that keeps no sampling step?)")
+        t = time_of_timestep(taus, self.config.num_train_timesteps)
+        abar = abar_at(t, self.alphas_cumprod).double()
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        return abar.sqrt().reshape(shape) * original_samples + (1.0 - abar).sqrt().reshape(shape) * noise
+        kw = {"device": original_samples.device, "dtype": original_samples.dtype}
+        signal, sigma = abar.sqrt().reshape(shape).to(**kw), (1.0 - abar).sqrt().reshape(shape).to(**kw)
+        return signal * original_samples + sigma * noise
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

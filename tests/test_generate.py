@@ -192,10 +192,15 @@ def test_help_explains_every_flag():
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
     assert {"--prompt", "--prompts", "--negative_prompt", "--steps", "--guidance_scale", "--num_frames",
             "--height", "--width", "--seed", "--fps", "--output", "--format", "--run", "--device", "--dtype",
-            "--base", "--motion_adapter", "--delta", "--delta_scale"} <= flags  # fmt: skip
+            "--base", "--motion_adapter", "--delta", "--delta_scale", "--video", "--strength",
+            "--context_length", "--context_stride", "--attention", "--cpu_offload", "--vae_slicing",
+            "--vae_tiling"} <= flags  # fmt: skip
     assert all(a.help for a in parser._actions)
     text = parser.format_help()
     assert all(flag in text for flag in flags)
+    # what strength does to the number of PeRFlow steps, and when FreeNoise is needed
+    assert "int(steps x S)" in text and "1000 750 500 250" in text and "750 500 250" in text
+    assert "FreeNoise" in text and "motion_max_seq_length" in text
 
 
 def test_tiny_default_without_a_run(env, tmp_path, monkeypatch, capsys):

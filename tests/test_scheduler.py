@@ -1,6 +1,7 @@
 """PeRFlowScheduler against docs/method.md §4, written out independently here, for every type, K and n."""
 
 import logging
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -258,3 +259,68 @@ def test_time_points_helper_is_float64_and_decreasing():
 
     pts = perflow_time_points(7, 4)
     assert pts.dtype == np.float64 and np.all(np.diff(pts) < 0) and pts[0] == 1.0
+
+
+# Video-to-video / img2img: add_noise at a kept window start and step_index bookkeeping (module docstring).
+# abar_s of AnimateDiff's linear betas at the window starts, from docs/method.md §5's table.
+ANIMATEDIFF_ABAR_AT_WINDOW_START = {1000: 0.001579, 750: 0.022729, 500: 0.161812, 250: 0.570866}
+
+
+def hand_linear_abar(index: int) -> float:
+    """abar[index] of linear betas 0.00085 -> 0.012 over 1000 steps, computed here in float64 from scratch."""
+    betas = np.linspace(0.00085, 0.012, 1000, dtype=np.float32).astype(np.float64)
+    return float(np.prod(1.0 - betas[: index + 1]))
+
+
+@pytest.mark.parametrize("tau", [1000, 750, 500, 250])
+def test_add_noise_at_a_window_start_is_the_teachers_marginal_the_student_was_trained_on(tau):
+    """z_s = sqrt(abar_s) z_0 + sqrt(1 - abar_s) eps with abar_s = abar[tau - 1] (Algorithm 1 step 3), on
+    the (B, F, C, H, W) layout AnimateDiffVideoToVideoPipeline hands add_noise, one timestep per sample."""
+    s = PeRFlowScheduler.from_config(animatediff_ddim_config(), prediction_type="ddim_eps")
+    abar = hand_linear_abar(tau - 1)
+    assert abar == pytest.approx(ANIMATEDIFF_ABAR_AT_WINDOW_START[tau], abs=1e-6)
+    g = torch.Generator().manual_seed(tau)
+    z0, eps = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
+    out = s.add_noise(z0, eps, torch.tensor([tau, tau]))
+    expected = (math.sqrt(abar) * z0.double() + math.sqrt(1 - abar) * eps.double()).float()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert out.dtype == z0.dtype
+    # one timestep for the whole batch broadcasts; bf16 samples stay bf16
+    torch.testing.assert_close(s.add_noise(z0, eps, torch.tensor(tau)), out)
+    assert s.add_noise(z0.bfloat16(), eps.bfloat16(), torch.tensor([tau])).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no timestep"):
+        s.add_noise(z0, eps, torch.tensor([], dtype=torch.long))
+
+
+def test_set_begin_index_starts_the_step_index_there_and_step_advances_it():
+    s = PeRFlowScheduler(num_time_windows=4)
+    s.set_timesteps(4)
+    assert s.step_index is None and s.begin_index is None
+    s.set_begin_index(2)  # what img2img pipelines do for strength 0.5
+    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn_like(z)
+    via_begin = [s.step(eps, 500, z).prev_sample]
+    assert s.step_index == 3 and s.begin_index == 2
+    via_begin.append(s.step(eps, 250, via_begin[0]).prev_sample)
+    assert s.step_index == 4
+    # without a begin index (AnimateDiffVideoToVideoPipeline in diffusers 0.42.1): found from the timestep
+    s.set_timesteps(4)
+    assert s.step_index is None and s.begin_index is None  # set_timesteps resets both
+    first = s.step(eps, 500, z).prev_sample
+    assert s.step_index == 3
+    torch.testing.assert_close(first, via_begin[0])
+    with pytest.raises(ValueError, match="out of range"):
+        s.set_begin_index(4)
+
+
+def test_step_index_resynchronises_when_the_caller_steps_another_timestep():
+    """Timesteps are unique, so the timestep given names its step even out of order (as before)."""
+    s = PeRFlowScheduler(num_time_windows=4)
+    s.set_timesteps(4)
+    z, eps = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    s.step(eps, 1000, z)
+    assert s.step_index == 1
+    s.step(eps, 250, z)  # skipped ahead
+    assert s.step_index == 4
+    with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
+        s.step(eps, 999, z)

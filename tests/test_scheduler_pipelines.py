@@ -8,7 +8,9 @@ by :mod:`perflow_video.tiny.tiny_models`. The tests check
    student sampled with one step per window *is* the teacher's DDIM through every window edge;
 2. that the pipelines run with our scheduler swapped in, on docs/method.md §4's timesteps, with CFG before ``step``;
 3. that a pipeline's output equals a hand-written UNet + scheduler loop (the pipeline adds nothing);
-4. the teacher's (AnimateDiff: linear) noise schedule and the save / load round trip of a pipeline folder.
+4. the teacher's (AnimateDiff: linear) noise schedule and the save / load round trip of a pipeline folder;
+5. video-to-video and img2img: the timesteps strength keeps, ``add_noise`` at the first of them against a
+   hand computation, and the steps from there (``set_begin_index`` or not).
 """
 
 import functools
@@ -21,8 +23,10 @@ import pytest
 import torch
 from diffusers import (
     AnimateDiffPipeline,
+    AnimateDiffVideoToVideoPipeline,
     DDIMScheduler,
     DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -515,3 +519,92 @@ def test_pipeline_folder_round_trip_with_perflow_scheduler(family, tmp_path):
     reference = latents(explicit)
     torch.testing.assert_close(latents(plain), reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(reference, latents(pipe), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. Video-to-video / img2img: strength keeps the last steps, add_noise at the first kept window start
+# ------------------------------------------------------------------------------------------------------
+
+V2V_TIMESTEPS = {1.0: [1000, 750, 500, 250], 0.75: [750, 500, 250], 0.5: [500, 250]}  # 4 steps, K = 4
+
+
+def hand_linear_abar(index: int) -> float:
+    """abar[index] of AnimateDiff's linear betas 0.00085 -> 0.012 (1000 steps), float64, from scratch."""
+    betas = torch.linspace(0.00085, 0.012, 1000, dtype=torch.float32).double()
+    return float(torch.prod(1.0 - betas[: index + 1]))
+
+
+def record_add_noise(pipe) -> list[dict]:
+    """Wrap ``pipe.scheduler.add_noise`` (on the instance) to record its inputs and output."""
+    calls: list[dict] = []
+    original = pipe.scheduler.add_noise
+
+    def add_noise(original_samples, noise, timesteps):
+        out = original(original_samples, noise, timesteps)
+        calls.append(
+            {"z0": original_samples.clone(), "noise": noise.clone(), "t": timesteps.clone(), "out": out}
+        )
+        return out
+
+    pipe.scheduler.add_noise = add_noise
+    return calls
+
+
+@pytest.mark.parametrize("strength", sorted(V2V_TIMESTEPS, reverse=True))
+def test_video_to_video_pipeline_noises_the_input_at_the_first_kept_window_start(strength):
+    """diffusers' AnimateDiffVideoToVideoPipeline, built from the PeRFlow AnimateDiff pipeline's components:
+    it keeps the last int(4 x strength) timesteps, noises the encoded video to the teacher's marginal at the
+    first one (hand-computed abar), and the scheduler steps on from there to the end."""
+    v2v = AnimateDiffVideoToVideoPipeline.from_pipe(perflow_pipeline("animatediff"))
+    assert v2v.scheduler.__class__ is PeRFlowScheduler
+    noised, steps = record_add_noise(v2v), record_steps(v2v)
+    video = torch.rand(1, FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    v2v(
+        video=video,
+        prompt="a red ball moving left",
+        strength=strength,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        height=64,
+        width=64,
+    )
+    expected = V2V_TIMESTEPS[strength]
+    assert v2v.get_timesteps(4, v2v.scheduler.timesteps, strength, "cpu")[0].tolist() == expected
+    assert [c["t"] for c in steps] == expected
+    assert len(noised) == 1 and noised[0]["t"].tolist() == [expected[0]]
+    call = noised[0]
+    abar = hand_linear_abar(expected[0] - 1)  # abar index tau - 1: the z_s of Algorithm 1 step 3
+    hand = math.sqrt(abar) * call["z0"].double() + math.sqrt(1.0 - abar) * call["noise"].double()
+    torch.testing.assert_close(call["out"].double(), hand, rtol=1e-5, atol=1e-5)
+    assert call["z0"].shape == (1, FRAMES, 4, 8, 8)  # (B, F, C, h, w) as the pipeline encodes it
+    # the first step starts from exactly that latent (permuted to (B, C, F, h, w)), and each continues the last
+    assert torch.equal(steps[0]["sample"], call["out"].permute(0, 2, 1, 3, 4))
+    for before, after in zip(steps, steps[1:], strict=False):
+        assert torch.equal(after["sample"], before["prev"])
+    check_steps_follow_design(steps, "animatediff")
+    assert v2v.scheduler.step_index == 4  # stepped from the kept index to the end
+
+
+def test_img2img_pipeline_sets_begin_index_and_steps_from_there():
+    """StableDiffusionImg2ImgPipeline calls set_begin_index(t_start): strength 0.5 of 4 steps begins at 500."""
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(perflow_pipeline("sd15"))
+    noised, steps = record_add_noise(img2img), record_steps(img2img)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    img2img(
+        prompt="a red ball",
+        image=image,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+    assert img2img.scheduler.begin_index == 2 and img2img.scheduler.step_index == 4
+    assert [c["t"] for c in steps] == [500, 250] and noised[0]["t"].tolist() == [500]
+    abar = float(DDIMScheduler.from_config(tiny_scheduler("sd15").config).alphas_cumprod[499])
+    hand = math.sqrt(abar) * noised[0]["z0"] + math.sqrt(1.0 - abar) * noised[0]["noise"]
+    torch.testing.assert_close(noised[0]["out"], hand, rtol=1e-5, atol=1e-5)
+    assert torch.equal(steps[0]["sample"], noised[0]["out"])
+    check_steps_follow_design(steps, "sd15")

@@ -23,10 +23,28 @@ model source:
   (none)         the tiny default: the finished run in outputs/tiny-animatediff if there is one
                  (python scripts/train_animatediff.py), else the untrained tiny teacher
 
+video-to-video (--video IN.mp4 --strength S):
+  diffusers' AnimateDiffVideoToVideoPipeline on the same components and scheduler. The first --num_frames
+  frames of IN.mp4 are resized to cover --height x --width and center-cropped, encoded by the VAE, noised to
+  the teacher's marginal at the first timestep strength keeps, and the remaining PeRFlow steps run from there.
+  Strength removes steps, it never adds any: of the --steps steps only the last int(steps x S) run. With
+  the default 4 steps (one per time window): S = 1 runs 4 steps from t = 1 (timesteps 1000 750 500 250),
+  0.75 runs 3 from t = 0.75 (750 500 250), 0.5 runs 2 (500 250), 0.25 runs 1 (250); S in between rounds
+  down, and S < 1/steps runs none (an error). At S = 1 the input keeps a faint trace (sqrt(abar(1)) = 0.04
+  for AnimateDiff's schedule), exactly what the student was trained on at t = 1.
+
+long clips (FreeNoise):
+  --num_frames above the motion modules' frame positions (motion_max_seq_length: 32 for the tiny model and
+  the SD1.5 v2/v3 adapters) needs --context_length N: diffusers' FreeNoise runs the motion modules on
+  windows of N frames every --context_stride frames and blends them; the PeRFlow steps are unchanged.
+
 examples:
   python scripts/generate.py --run outputs/perflow-animatediff-sd15 --prompt "a dog running on the beach" \\
       --num_frames 16 --guidance_scale 4.5 --output dog.mp4
   python scripts/generate.py --prompts prompts.txt --output clips/ --format gif
+  python scripts/generate.py --run RUN --video walk.mp4 --strength 0.5 --prompt "a robot walking" --output robot.mp4
+  python scripts/generate.py --run RUN --prompt "waves" --num_frames 64 --context_length 16 --context_stride 4 \\
+      --cpu_offload --vae_slicing --output waves.mp4
 """
 
 
@@ -41,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(parser)
     _add_prompt_flags(parser)
     _add_sampling_flags(parser)
+    _add_video_flags(parser)
     _add_output_flags(parser)
     _add_device_flags(parser)
     return parser
@@ -113,8 +132,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--num_frames",
         type=int,
-        help="frames per clip (default: the run's model.num_frames; 16 for the tiny teacher); at most the "
-        "motion modules' motion_max_seq_length",
+        help="frames per clip (default: the run's model.num_frames; 16 for the tiny teacher; with --video: "
+        "the input's frames up to that many); at most the motion modules' motion_max_seq_length unless "
+        "--context_length is given",
     )
     add("--height", type=int, help="clip height in pixels (default: the run's / model's resolution)")
     add("--width", type=int, help="clip width in pixels (default: the run's / model's resolution)")
@@ -125,6 +145,39 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         help="random seed (default: 0); prompt i uses seed + i, so the same seed gives the same clips",
     )
     add("--fps", type=float, default=8, help="frame rate of the written clips (default: 8)")
+
+
+def _add_video_flags(parser: argparse.ArgumentParser) -> None:
+    """Video-to-video and long clips (see the epilog)."""
+    add = parser.add_argument_group("video-to-video and long clips").add_argument
+    add(
+        "--video",
+        metavar="IN",
+        help="video-to-video: restyle this clip (any file FFmpeg reads; its first --num_frames frames, "
+        "resized and center-cropped to the model's resolution) with each prompt",
+    )
+    add(
+        "--strength",
+        type=float,
+        help="with --video, in (0, 1] (default: 0.75): how far the input is re-noised. Only the last "
+        "int(steps x strength) of the --steps steps run, from the input noised to the first of them: with "
+        "4 steps 1 / 0.75 / 0.5 / 0.25 run 4 / 3 / 2 / 1 steps (see below)",
+    )
+    add(
+        "--context_length",
+        type=int,
+        metavar="N",
+        help="FreeNoise for clips longer than the motion modules' frame positions: windows of N frames "
+        "(at most motion_max_seq_length; best the clip length the model was trained on, e.g. 16). "
+        "Default: off",
+    )
+    add(
+        "--context_stride",
+        type=int,
+        metavar="S",
+        help="with --context_length: frames between the starts of FreeNoise windows (default: 4, or N if "
+        "smaller)",
+    )
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +209,29 @@ def _add_device_flags(parser: argparse.ArgumentParser) -> None:
         choices=("fp32", "fp16", "bf16"),
         help="weights and activations dtype (default: bf16 on CUDA, fp32 on CPU)",
     )
+    add(
+        "--attention",
+        choices=("xformers", "sdpa"),
+        help="attention backend of the UNet and VAE: sdpa (PyTorch scaled_dot_product_attention, diffusers' "
+        "default) or xformers (needs the xformers package and a CUDA GPU); default: diffusers' own",
+    )
+    add(
+        "--cpu_offload",
+        action="store_true",
+        help="CUDA only: keep the models in CPU memory and move each to the GPU while it runs (diffusers' "
+        "enable_model_cpu_offload; less GPU memory, a little slower); an error on --device cpu",
+    )
+    add(
+        "--vae_slicing",
+        action="store_true",
+        help="decode (and, for --video, encode) one frame at a time through the VAE (less memory)",
+    )
+    add(
+        "--vae_tiling",
+        action="store_true",
+        help="decode / encode large frames in overlapping tiles (less memory at high resolutions; no effect "
+        "below the VAE's tile size)",
+    )
     add("--debug", action="store_true", help="show the traceback of a user error")  # fmt: skip
 
 
@@ -177,16 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status_of(lambda: _main(args), args.debug)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _request(args: argparse.Namespace):
+    """The ClipRequest of the flags (device default: cuda if available; dtype: bf16 on CUDA, else fp32)."""
     import torch
 
-    from perflow_video.generation.clips import ClipRequest, check_request, generate
-    from perflow_video.generation.model_source import (
-        check_run_folder,
-        load_base,
-        load_run,
-        load_tiny_default,
-    )
+    from perflow_video.generation.clips import ClipRequest
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -194,12 +265,19 @@ def _main(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         raise ConfigError(f"--device {device!r}: {err}") from None
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    request = ClipRequest(
+    return ClipRequest(
         prompts=_prompts(args), output=Path(args.output), negative_prompt=args.negative_prompt,
         steps=args.steps, guidance_scale=args.guidance_scale, num_frames=args.num_frames,
         height=args.height, width=args.width, seed=args.seed, fps=args.fps,
         video_format=args.video_format, device=device, dtype=dtype,
+        video=Path(args.video) if args.video is not None else None, strength=args.strength,
+        context_length=args.context_length, context_stride=args.context_stride, attention=args.attention,
+        cpu_offload=args.cpu_offload, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling,
     )  # fmt: skip
+
+
+def _from_base(args: argparse.Namespace) -> bool:
+    """Whether the model comes from --base/--delta (checked against --run and --motion_adapter)."""
     from_base = args.base is not None or args.delta is not None or args.motion_adapter is not None
     if args.run and from_base:
         raise ConfigError(
@@ -207,9 +285,12 @@ def _main(args: argparse.Namespace) -> int:
         )
     if from_base and args.base is None and args.delta is None:
         raise ConfigError("--motion_adapter goes with --base MODEL (or --delta FILE)")
-    if args.run:
-        check_run_folder(Path(args.run))
-    check_request(request)  # before loading anything (creates the output folder)
+    return from_base
+
+
+def _load(args: argparse.Namespace, from_base: bool):
+    from perflow_video.generation.model_source import load_base, load_run, load_tiny_default
+
     start = time.perf_counter()
     if args.run:
         loaded = load_run(args.run, args.num_frames)
@@ -221,7 +302,19 @@ def _main(args: argparse.Namespace) -> int:
     print(
         f"model: {loaded.description} ({loaded.family.name}), loaded in {time.perf_counter() - start:.1f} s"
     )
-    clips = generate(request, loaded)
+    return loaded
+
+
+def _main(args: argparse.Namespace) -> int:
+    from perflow_video.generation.clips import check_request, generate
+    from perflow_video.generation.model_source import check_run_folder
+
+    request = _request(args)
+    from_base = _from_base(args)
+    if args.run:
+        check_run_folder(Path(args.run))
+    check_request(request)  # before loading anything (creates the output folder)
+    clips = generate(request, _load(args, from_base))
     evaluations = sum(c.unet_evaluations for c in clips)
     seconds = sum(c.seconds for c in clips)
     print(f"done: {len(clips)} clip(s), {evaluations} UNet evaluations, {seconds:.2f} s sampling")

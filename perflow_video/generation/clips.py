@@ -1,5 +1,9 @@
 """Sample clips with the family's diffusers pipeline and write them atomically (plus ``clips.json``).
 
+Text-to-video uses ``AnimateDiffPipeline``; with ``video`` set, diffusers' ``AnimateDiffVideoToVideoPipeline``
+built from the same components re-noises the input clip to the first timestep ``strength`` keeps and runs
+the remaining PeRFlow steps (:mod:`perflow_video.generation.pipeline_setup`, the scheduler's docstring).
+
 Each clip is written under a temporary name in its destination folder and renamed when complete, so a
 crash never leaves a half-written clip; ``clips.json`` likewise. Sampling is counted in UNet evaluations
 (noise predictions per clip: the pipeline's CFG batch of two counts twice) and seconds.
@@ -8,6 +12,7 @@ crash never leaves a half-written clip; ``clips.json`` likewise. Sampling is cou
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,35 +23,28 @@ import torch
 
 from perflow_video.atomic_files import atomic_destination
 from perflow_video.errors import ConfigError
+from perflow_video.generation.clip_request import ClipRequest
+from perflow_video.generation.input_video import input_frame_count, probe_input_video, read_input_video
 from perflow_video.generation.model_source import LoadedModel
+from perflow_video.generation.pipeline_setup import (
+    DTYPES,
+    check_device_options,
+    pipeline_for,
+)
 from perflow_video.generation.prompts import slug
+from perflow_video.media.video_decode import VideoInfo
 from perflow_video.media.video_export import CLIP_FORMATS, export_video
 
 CLIPS_JSON = "clips.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
-class ClipRequest:
-    """What to sample (None: the model's default) and where to write it.
+class ClipShape:
+    """Frames and pixel size of every clip of a request."""
 
-    ``output``: a ``.gif`` / ``.mp4`` file (one prompt) or a folder (``NN_<slug>.<video_format>`` per
-    prompt + ``clips.json``). Prompt ``i`` uses seed ``seed + i``.
-    """
-
-    prompts: list[str]
-    output: Path
-    negative_prompt: str | None = None
-    steps: int = 4
-    guidance_scale: float = 1.0
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    seed: int = 0
-    fps: float = 8
-    video_format: str = "mp4"
-    device: str = "cpu"
-    dtype: str = "fp32"
+    num_frames: int
+    height: int
+    width: int
 
 
 @dataclass
@@ -66,6 +64,10 @@ class GeneratedClip:
     file: str
     unet_evaluations: int = field(default=0)
     seconds: float = field(default=0.0)
+    video: str | None = None
+    strength: float | None = None
+    context_length: int | None = None
+    context_stride: int | None = None
 
 
 def is_file_output(output: Path) -> bool:
@@ -98,7 +100,47 @@ def check_request(request: ClipRequest) -> None:
             raise ConfigError(f"--fps {request.fps}: a GIF plays at most 50 fps")
     elif request.video_format == "gif" and request.fps > 50:
         raise ConfigError(f"--fps {request.fps}: a GIF plays at most 50 fps")
+    check_video_options(request)
+    check_free_noise_options(request)
+    check_device_options(request)
     check_writable(request.output)
+
+
+def check_video_options(request: ClipRequest) -> None:
+    """--video / --strength: the file decodes, and the strength keeps at least one step."""
+    if request.video is None:
+        if request.strength is not None:
+            raise ConfigError(f"--strength {request.strength}: goes with --video IN.mp4 (video-to-video)")
+        return
+    strength = request.effective_strength
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"--strength {strength}: need 0 < strength <= 1 (1 = re-noise the input fully)")
+    # AnimateDiffVideoToVideoPipeline.get_timesteps keeps the last min(int(steps * strength), steps) steps
+    if min(int(request.steps * strength), request.steps) < 1:
+        raise ConfigError(
+            f"--strength {strength}: with --steps {request.steps} no step would run (video-to-video runs the "
+            f"last int(steps x strength) steps); give --strength {math.ceil(1e4 / request.steps) / 1e4:g} "
+            "or more, or more --steps"
+        )
+    info = probe_input_video(request.video)
+    if request.num_frames is not None:
+        input_frame_count(info, request.num_frames, request.num_frames)
+
+
+def check_free_noise_options(request: ClipRequest) -> None:
+    """--context_length / --context_stride on their own (against the model: :func:`check_frames`)."""
+    length, stride = request.context_length, request.context_stride
+    if length is None:
+        if stride is not None:
+            raise ConfigError(f"--context_stride {stride}: goes with --context_length N (FreeNoise)")
+        return
+    if length < 1:
+        raise ConfigError(f"--context_length {length}: need at least 1 frame")
+    if stride is not None and not 1 <= stride <= length:
+        raise ConfigError(
+            f"--context_stride {stride}: need 1 <= stride <= --context_length {length} "
+            "(a larger stride leaves frames outside every window)"
+        )
 
 
 def check_writable(output: Path) -> None:
@@ -113,20 +155,43 @@ def check_writable(output: Path) -> None:
         raise ConfigError(f"--output {output}: cannot write there ({err.strerror or err})") from err
 
 
-def _check_against_model(request: ClipRequest, loaded: LoadedModel, pipe) -> tuple[int, int, int]:
-    frames = request.num_frames or loaded.num_frames
-    if frames > loaded.max_frames:
+def check_frames(request: ClipRequest, loaded: LoadedModel, frames: int) -> None:
+    """The clip length fits the motion modules, or FreeNoise is on with windows that fit both."""
+    limit = loaded.max_frames
+    suggested = min(loaded.num_frames, limit)
+    length = request.context_length
+    if length is None:
+        if frames > limit:
+            raise ConfigError(
+                f"--num_frames {frames}: the motion modules have {limit} frame positions "
+                f"(motion_max_seq_length); give --num_frames {limit} or fewer, or add --context_length "
+                f"{suggested} for a longer clip (FreeNoise: sliding windows of that many frames)"
+            )
+        return
+    if length > limit:
         raise ConfigError(
-            f"--num_frames {frames}: the motion modules have {loaded.max_frames} frame positions "
-            f"(motion_max_seq_length); give --num_frames {loaded.max_frames} or fewer "
-            "(longer clips need FreeNoise, not supported yet)"
+            f"--context_length {length}: the motion modules have {limit} frame positions; give at most "
+            f"{limit} (best: {suggested}, the clip length the model samples by default)"
         )
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if length > frames:
+        raise ConfigError(
+            f"--context_length {length}: longer than the clip ({frames} frames); give at most {frames}"
+        )
+
+
+def clip_shape(request: ClipRequest, loaded: LoadedModel, video: VideoInfo | None) -> ClipShape:
+    """Frames (from --num_frames, the input video or the model) and pixel size, checked against the model."""
+    if video is None:
+        frames = request.num_frames or loaded.num_frames
+    else:
+        frames = input_frame_count(video, request.num_frames, loaded.num_frames)
+    check_frames(request, loaded, frames)
+    factor = 2 ** (len(loaded.models.vae.config.block_out_channels) - 1)  # as the pipelines compute it
     height, width = request.height or loaded.resolution, request.width or loaded.resolution
     for flag, value in (("--height", height), ("--width", width)):
         if value < factor or value % factor:
             raise ConfigError(f"{flag} {value}: need a positive multiple of {factor} (the VAE's factor)")
-    return frames, height, width
+    return ClipShape(frames, height, width)
 
 
 def _write_clip(frames: torch.Tensor, path: Path, fps: float) -> None:
@@ -168,50 +233,85 @@ def generate(
 ) -> list[GeneratedClip]:
     """Sample one clip per prompt (prompt ``i`` with seed ``seed + i``) and write it; returns the clips.
 
-    Folder outputs also get ``clips.json`` (prompt order). ``report`` receives one line per clip.
+    Folder outputs also get ``clips.json`` (prompt order). ``report`` receives one line per clip (and, for
+    video-to-video, one line saying which steps run).
     """
     check_request(request)
-    dtype = DTYPES[request.dtype]
-    pipe = loaded.family.pipeline(loaded.models, loaded.student, loaded.scheduler)
-    if dtype != torch.float32:  # cast before moving: a full-precision copy never lands on the device
-        pipe.to(dtype=dtype)
-    pipe.to(request.device)
-    num_frames, height, width = _check_against_model(request, loaded, pipe)
-    file_output = is_file_output(request.output)
-    clips: list[GeneratedClip] = []
-    counter = EvaluationCounter(pipe.unet)
-    try:
-        for i, prompt in enumerate(request.prompts):
-            seed = request.seed + i
-            path = (
-                request.output
-                if file_output
-                else request.output / f"{i:02d}_{slug(prompt)}.{request.video_format}"
-            )
-            counter.count = 0
-            start = time.perf_counter()
-            output = pipe(
-                prompt=prompt,
-                negative_prompt=request.negative_prompt,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(seed),
-                output_type="pt",
-            )
-            seconds = time.perf_counter() - start
-            _write_clip(output.frames[0].float().cpu(), path, request.fps)
-            clip = GeneratedClip(
-                prompt, seed, request.steps, request.guidance_scale, request.negative_prompt, num_frames,
-                height, width, request.fps, loaded.description,
-                path.name if not file_output else os.fspath(path), counter.count, round(seconds, 3),
-            )  # fmt: skip
-            clips.append(clip)
-            report(f"wrote {path} ({counter.count} UNet evaluations, {seconds:.2f} s)")
-            if not file_output:  # after every clip, so an interrupted batch still lists what is there
-                write_clips_json(clips, request.output / CLIPS_JSON)
-    finally:
-        counter.remove()
-    return clips
+    info = probe_input_video(request.video) if request.video is not None else None
+    shape = clip_shape(request, loaded, info)
+    with pipeline_for(request, loaded) as pipe:
+        video = None
+        if info is not None:
+            video = read_input_video(info, shape.num_frames, shape.height, shape.width)
+            report(describe_video_to_video(pipe, request))
+        counter = EvaluationCounter(pipe.unet)
+        try:
+            clips: list[GeneratedClip] = []
+            for i in range(len(request.prompts)):
+                clips.append(_sample_one(request, loaded, pipe, shape, video, counter, i, report))
+                if not is_file_output(
+                    request.output
+                ):  # after every clip: an interrupted batch lists its clips
+                    write_clips_json(clips, request.output / CLIPS_JSON)
+            return clips
+        finally:
+            counter.remove()
+
+
+def video_to_video_timesteps(pipe, steps: int, strength: float) -> list[int]:
+    """The timesteps ``AnimateDiffVideoToVideoPipeline`` runs: ``set_timesteps(steps)``, then its own
+    ``get_timesteps`` slice by strength (the first is where the input is noised)."""
+    pipe.scheduler.set_timesteps(steps)
+    kept, _ = pipe.get_timesteps(steps, pipe.scheduler.timesteps, strength, "cpu")
+    return [int(t) for t in kept]
+
+
+def describe_video_to_video(pipe, request: ClipRequest) -> str:
+    kept = video_to_video_timesteps(pipe, request.steps, request.effective_strength)
+    return (
+        f"video-to-video from {request.video}: strength {request.effective_strength:g} runs {len(kept)} of "
+        f"{request.steps} steps, timesteps {kept} (the input noised to t = {kept[0] / 1000:g} first)"
+    )
+
+
+def _clip_path(request: ClipRequest, i: int, prompt: str) -> Path:
+    if is_file_output(request.output):
+        return request.output
+    return request.output / f"{i:02d}_{slug(prompt)}.{request.video_format}"
+
+
+def _run_pipeline(pipe, request: ClipRequest, prompt: str, seed: int, shape: ClipShape, video):
+    """One clip's frames, (F, C, H, W) in [0, 1]: text-to-video, or video-to-video from ``video``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if video is None:
+        output = pipe(
+            prompt=prompt, negative_prompt=request.negative_prompt, num_frames=shape.num_frames,
+            height=shape.height, width=shape.width, num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale, generator=generator, output_type="pt",
+        )  # fmt: skip
+    else:
+        output = pipe(
+            video=video, prompt=prompt, negative_prompt=request.negative_prompt, strength=request.effective_strength,
+            height=shape.height, width=shape.width, num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale, generator=generator, output_type="pt",
+        )  # fmt: skip
+    return output.frames[0].float().cpu()
+
+
+def _sample_one(request, loaded, pipe, shape, video, counter, i, report) -> GeneratedClip:
+    prompt, seed, path = request.prompts[i], request.seed + i, _clip_path(request, i, request.prompts[i])
+    counter.count = 0
+    start = time.perf_counter()
+    frames = _run_pipeline(pipe, request, prompt, seed, shape, video)
+    seconds = time.perf_counter() - start
+    _write_clip(frames, path, request.fps)
+    name = os.fspath(path) if is_file_output(request.output) else path.name
+    clip = GeneratedClip(
+        prompt, seed, request.steps, request.guidance_scale, request.negative_prompt, shape.num_frames,
+        shape.height, shape.width, request.fps, loaded.description, name, counter.count, round(seconds, 3),
+        video=os.fspath(request.video) if request.video is not None else None,
+        strength=request.effective_strength, context_length=request.context_length,
+        context_stride=request.effective_context_stride,
+    )  # fmt: skip
+    report(f"wrote {path} ({counter.count} UNet evaluations, {seconds:.2f} s)")
+    return clip
