@@ -7,7 +7,9 @@
   ``delta_layout``,
 * what else the family's users load (``ModelFamily.write_extra_outputs``); AnimateDiff with trained
   motion modules, for tools that read the original layout: ``delta_weights_motion_original.safetensors``
-  (ΔW) and ``perflow_motion_module.safetensors`` (the full accelerated motion module, pos_encoder included).
+  (ΔW) and ``perflow_motion_module.safetensors`` (the full accelerated motion module, pos_encoder included),
+* the ``run.export_formats`` the ΔW has keys for (``weights.delta_export``): LoRAs of rank <= ``run.lora_rank``
+  for diffusers / ComfyUI / A1111, exact ``.diff`` patches, motion LoRAs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.scheduler import perflow_scheduler_for
 from perflow_video.training.config_io import to_dict
 from perflow_video.training.train_config import TrainConfig
+from perflow_video.weights.delta_export import applicable_formats, export_all
 from perflow_video.weights.delta_weights import DeltaMetadata, compute_delta_weights, save_delta_weights
 
 
@@ -70,4 +73,6 @@ def write_final_outputs(
     save_delta_weights(delta, out / "delta_weights.safetensors", metadata_for(family.delta_layout))
     written["delta_weights"] = out / "delta_weights.safetensors"
     written.update(family.write_extra_outputs(student, delta, out, metadata_for))
+    extra = tuple(f for f in cfg.run.export_formats if f in applicable_formats(delta))
+    written.update(export_all(delta, out, metadata_for, rank=cfg.run.lora_rank, formats=extra))
     return written

@@ -27,6 +27,7 @@ from perflow_video.training.config_io import (
     load_yaml_data,
     merge_dicts,
 )
+from perflow_video.weights.delta_export import EXTRA_FORMATS, DeltaFormat
 
 # The trainer's own choices (it hands them to accelerate / diffusers as they are).
 # diffusers.optimization names the trainer can build from warm-up and total steps alone.
@@ -177,8 +178,14 @@ class RunConfig:
     log_every: Annotated[int, "optimizer steps between TensorBoard scalars"] = 10
     report_to: Annotated[ReportTo, "scalar logger besides metrics.jsonl"] = "tensorboard"
     max_consecutive_nonfinite: Annotated[int, "stop after this many NaN/inf losses in a row"] = 5
+    export_formats: Annotated[
+        list[DeltaFormat],
+        "ΔW files written beside delta_weights.safetensors (those the ΔW has keys for; README 'Use ΔW elsewhere')",
+    ] = field(default_factory=lambda: list(EXTRA_FORMATS))
+    lora_rank: Annotated[int, "rank cap of the LoRA files among export_formats (truncated SVD of ΔW)"] = 64
 
     def __post_init__(self):
+        check_at_least("lora_rank", self.lora_rank, 1)
         check_at_least("eval_steps", self.eval_steps, 0)
         check_at_least("eval_samples", self.eval_samples, 1)
         check_at_least("checkpointing_steps", self.checkpointing_steps, 0)
