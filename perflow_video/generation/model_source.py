@@ -20,9 +20,11 @@ from diffusers import UNetMotionModel
 
 from perflow_video.errors import ConfigError, PathNotFoundError, WeightsNotFoundError
 from perflow_video.families import FamilyModels, FamilySpec, ModelFamily, get_family
+from perflow_video.families.loading import resolve_model_path
 from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.scheduler import PeRFlowScheduler, perflow_scheduler_for
-from perflow_video.weights.delta_weights import apply_delta_weights, load_delta_weights
+from perflow_video.weights.delta_sources import read_delta
+from perflow_video.weights.delta_weights import apply_delta_weights
 
 #: Where ``python scripts/train_animatediff.py`` (no flags) writes its run, relative to the working directory.
 TINY_RUN_DIR = Path("outputs") / "tiny-animatediff"
@@ -180,6 +182,13 @@ def load_tiny_default(num_frames: int | None = None, run_dir: Path = TINY_RUN_DI
     return load_tiny_teacher(num_frames), note
 
 
+def tiny_model_folder(family: str = "animatediff") -> str:
+    """The local diffusers folder of the embedded tiny model of ``family`` (built on first use): what the
+    README's snippets load where a user loads ``stable-diffusion-v1-5/stable-diffusion-v1-5``. The
+    AnimateDiff one also holds ``motion_adapter/``."""
+    return resolve_model_path("tiny", family)
+
+
 def load_base(
     base: str | None,
     motion_adapter: str | None = None,
@@ -196,10 +205,12 @@ def load_base(
     tensors, meta, trained = None, None, {}
     if delta is not None:
         delta = Path(delta)
-        if not delta.is_file():
-            raise PathNotFoundError(f"--delta {delta}: no such file")
+        if not delta.exists():
+            raise PathNotFoundError(f"--delta {delta}: no such file or folder")
         try:
-            tensors, meta = load_delta_weights(delta)
+            tensors, meta = read_delta(delta)  # a file, or a UNet folder of differences (official ΔW)
+        except (ConfigError, PathNotFoundError) as err:
+            raise ConfigError(f"--delta {delta}: {err}") from err
         except Exception as err:  # safetensors raises its own error types for a damaged file
             raise ConfigError(f"--delta {delta}: not a readable safetensors file ({err})") from err
         if meta is not None:
