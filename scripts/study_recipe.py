@@ -26,9 +26,10 @@ from perflow_video.evaluation.recipe_study import (  # noqa: E402
     Recipe,
     TargetPool,
     build_target_pool,
+    reference_trajectory,
     train_recipe,
+    window_errors,
 )
-from perflow_video.evaluation.sampling import sample_latents  # noqa: E402
 from perflow_video.families import get_family  # noqa: E402
 from perflow_video.families.base import FamilySpec  # noqa: E402
 from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config  # noqa: E402
@@ -49,6 +50,7 @@ RECIPES = {
         Recipe("adam-eps1e-3-1e-4", optimizer="adam_large_eps"),
         Recipe("sgd-1e-2", optimizer="sgd", lr=1e-2),
         Recipe("sgd-1e-1", optimizer="sgd", lr=1e-1),
+        Recipe("adamw-3e-5-accum8", lr=3e-5, accumulation=8),
     )
 }
 
@@ -126,14 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.prompts, 4, 16, 8, 8)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 99))
     cond = expand(encode(family, models, prompts))
-    ddim = DDIMScheduler.from_config(models.scheduler_config)
     t0 = time.time()
-    reference = sample_latents(models.teacher, ddim, noise, cond, None, 100)
-    fid = Fidelity(noise, cond, reference)
-    ddim4 = fid.distance(models.teacher, ddim, 4)
-    print(f"reference: DDIM-100 ({time.time() - t0:.0f} s); teacher DDIM-4 distance {ddim4:.4f}", flush=True)
     perflow = perflow_scheduler_for(models.scheduler_config, "ddim_eps", args.windows)
-    score = lambda unet: fid.distance(unet, perflow, args.windows)  # noqa: E731
+    trajectory = reference_trajectory(models.teacher, noise, cond, alphas, args.windows)
+    fid = Fidelity(noise, cond, trajectory[-1])  # teacher DDIM-100 on the window grid (25 steps a window)
+    baselines = {
+        spacing: fid.distance(
+            models.teacher, DDIMScheduler.from_config(models.scheduler_config, timestep_spacing=spacing), 4
+        )
+        for spacing in ("linspace", "leading", "trailing")
+    }
+    print(f"reference ({time.time() - t0:.0f} s); teacher DDIM-4 distance by spacing {baselines}", flush=True)
+
+    def score(unet: torch.nn.Module) -> dict:
+        errors = window_errors(unet, perflow, trajectory, cond)
+        return {"distance": fid.distance(unet, perflow, args.windows), "windows": errors}
+
     trainable = [
         k for k, _ in models.student.named_parameters() if args.trainable == "all" or "motion_modules" in k
     ]
@@ -150,13 +160,16 @@ def main(argv: list[str] | None = None) -> int:
             args.eval_every,
             args.seed,
         )
-        row = {"recipe": name, "trainable": args.trainable, "ddim4": ddim4, "samples": r.samples,
-               "distance": r.distance, "train_loss": r.train_loss, "weight_change": r.weight_change,
+        row = {"recipe": name, "trainable": args.trainable, "ddim4": baselines, "samples": r.samples,
+               "scores": r.scores, "train_loss": r.train_loss, "weight_change": r.weight_change,
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        chain = " ".join(f"{d['distance']:.4f}" for d in r.scores)
+        local = " | ".join(" ".join(f"{e:.4f}" for e in d["windows"]) for d in (r.scores[0], r.scores[-1]))
         print(
-            f"{name:22s} " + " ".join(f"{d:.4f}" for d in r.distance) + f"  ({row['seconds']} s)", flush=True
+            f"{name:22s} {chain}  ({row['seconds']} s)\n{'':22s} per window, first | last: {local}",
+            flush=True,
         )
     return 0
 

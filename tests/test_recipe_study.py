@@ -68,7 +68,7 @@ def test_a_zero_learning_rate_changes_nothing_and_motion_only_keeps_the_spatial_
     pool, score = _pool_and_fidelity(unet, config, abar)
     motion = [k for k, _ in unet.named_parameters() if "motion_modules" in k]
     still = train_recipe(unet, motion, pool, Recipe("zero", lr=0.0), score, _expand, 8, 4)
-    assert still.weight_change == [0.0, 0.0, 0.0] and len(set(still.distance)) == 1
+    assert still.weight_change == [0.0, 0.0, 0.0] and len(set(still.scores)) == 1
     moved = train_recipe(unet, motion, pool, Recipe("sgd", optimizer="sgd", lr=10.0), score, _expand, 8, 4)
     assert moved.weight_change[-1] > 0 and moved.samples == [0, 4, 8]
 
@@ -84,4 +84,4 @@ def test_training_on_the_pool_lowers_its_loss():
             return student_loss(model, targets, _expand(text)).loss.item()
 
     result = train_recipe(unet, everything, pool, Recipe("adamw", lr=1e-3), pool_loss, _expand, 160, 160)
-    assert result.distance[-1] < 0.7 * result.distance[0]  # measured: 0.56 x in 40 steps
+    assert result.scores[-1] < 0.7 * result.scores[0]  # measured: 0.56 x in 40 steps

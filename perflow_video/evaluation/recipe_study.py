@@ -26,7 +26,7 @@ from torch import Tensor
 
 from perflow_video.evaluation.sampling import rms_distance, sample_latents
 from perflow_video.method.reflow_objective import ReflowConfig, ReflowTargets, reflow_targets, student_loss
-from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.method.teacher_solver import Conditioning, solve_window
 
 OptimizerName = Literal["adamw", "adam_large_eps", "sgd"]
 #: Per-prompt text embeddings (B, seq, dim) -> the UNet's conditioning (per frame for a motion UNet).
@@ -91,6 +91,41 @@ class Fidelity:
         )
 
 
+@torch.no_grad()
+def reference_trajectory(
+    teacher: torch.nn.Module,
+    noise: Tensor,
+    cond: Conditioning,
+    alphas_cumprod: Tensor,
+    num_windows: int,
+    steps_per_window: int = 25,
+) -> list[Tensor]:
+    """The teacher's ODE trajectory at the K + 1 window edges t = 1, 1 - 1/K, ..., 0 (DDIM with
+    ``steps_per_window`` steps per window: 100 in all for K = 4) from ``noise``; [0] is the noise, [K] the
+    sample."""
+    points, z = [noise], noise
+    for k in range(num_windows):
+        t_s = torch.full((noise.shape[0],), 1.0 - k / num_windows, dtype=torch.float64)
+        t_e = torch.full_like(t_s, 1.0 - (k + 1) / num_windows)
+        z = solve_window(teacher, z, t_s, t_e, alphas_cumprod, cond, num_steps=steps_per_window)
+        points.append(z)
+    return points
+
+
+@torch.no_grad()
+def window_errors(
+    unet: torch.nn.Module, scheduler, trajectory: list[Tensor], cond: Conditioning
+) -> list[float]:
+    """The local error of one sampler step per window: from the reference point at t_s, the RMS distance of
+    the step's result to the reference point at t_e (where the sampler is when every earlier step is exact)."""
+    scheduler.set_timesteps(len(trajectory) - 1)
+    errors = []
+    for k, t in enumerate(scheduler.timesteps):
+        out = unet(trajectory[k], t.expand(trajectory[k].shape[0]), **cond.unet_kwargs()).sample
+        errors.append(rms_distance(scheduler.step(out, t, trajectory[k]).prev_sample, trajectory[k + 1]))
+    return errors
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One way to optimise the student. ``batch`` x ``accumulation`` samples make one optimizer step."""
@@ -124,7 +159,7 @@ def relative_change(model: torch.nn.Module, start: dict[str, Tensor]) -> float:
 class RecipeResult:
     recipe: Recipe
     samples: list[int]
-    distance: list[float]
+    scores: list  # what ``score`` returned at each of ``samples`` (a distance, or a dict of them)
     train_loss: list[float]
     weight_change: list[float]
 
@@ -140,7 +175,7 @@ def train_recipe(
     trainable: list[str],
     pool: TargetPool,
     recipe: Recipe,
-    score: Callable[[torch.nn.Module], float],
+    score: Callable[[torch.nn.Module], float | dict[str, float | list[float]]],
     expand: Expand,
     num_samples: int,
     eval_every: int,
@@ -173,7 +208,7 @@ def train_recipe(
         if seen % eval_every < recipe.batch:
             scored = ema if ema is not None else model.eval()
             result.samples.append(seen)
-            result.distance.append(score(scored))
+            result.scores.append(score(scored))
             result.train_loss.append(sum(losses) / len(losses))
             result.weight_change.append(relative_change(scored, start))
             losses = []
