@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -180,27 +181,31 @@ def generation_section(report: Report, section: dict) -> None:
     config = teacher_scheduler_config()
     parts = build_pipeline_parts(plan.size, plan.device, plan.generation_dtype)
     scheduler = perflow_scheduler_for(config, "ddim_eps", 4)
-    family = get_family("animatediff")
     sizes = section["sizes"] = []
     for size in plan.generation_sizes:
         models = FamilyModels(
             parts.unet, parts.unet, parts.vae, [parts.text_encoder], [parts.tokenizer], config,
             f"random {plan.size}-size weights", size.height, size.num_frames,
         )  # fmt: skip
-        pipe = family.pipeline(models, parts.unet, scheduler)
+        pipe = get_family("animatediff").pipeline(models, parts.unet, scheduler)  # as generate.py builds it
         entry = {"size": asdict(size), "label": size.label(), "status": "skipped: time budget"}
         if not report.over_budget():
-            try:
-                rows = measure_generation(
-                    pipe, scheduler, config, size, DEFAULT_CASES, repeats=plan.repeats, warmup=plan.warmup,
-                    device=plan.device,
-                )  # fmt: skip
-                entry.update(status="ok", rows=[r.to_dict() for r in rows], table=generation_rows(size, rows))
-            except Exception as err:  # e.g. out of memory at 512 px: keep 384's numbers
-                entry.update(status="error", error=error_text(err))
+            entry.update(_measure_size(pipe, scheduler, config, size, plan))
         free_memory(plan.device)
         sizes.append(entry)
         report.save()
+
+
+def _measure_size(pipe, scheduler, config: dict, size: ClipSize, plan: GpuPlan) -> dict:
+    """The generation rows at one clip size, or the error that stopped them (e.g. out of memory at 512 px)."""
+    try:
+        rows = measure_generation(
+            pipe, scheduler, config, size, DEFAULT_CASES, repeats=plan.repeats, warmup=plan.warmup,
+            device=plan.device,
+        )  # fmt: skip
+    except Exception as err:  # keep the other size's numbers
+        return {"status": "error", "error": error_text(err)}
+    return {"status": "ok", "rows": [r.to_dict() for r in rows], "table": generation_rows(size, rows)}
 
 
 def run_gpu_benchmark(plan: GpuPlan, out: Path, sections: tuple[str, ...] = SECTIONS) -> dict:
@@ -248,37 +253,41 @@ def describe_setup(setup: dict) -> str:
     )
 
 
+def _status(entry: dict) -> str:
+    return entry["status"] + (f" ({entry['error']})" if "error" in entry else "")
+
+
+def _section_markdown(name: str, s: dict) -> str:
+    text = f"## {name}: {_status(s)}\n"
+    if name == "models" and "full" in s:
+        counts = [[size, *v.values()] for size, v in s.items() if isinstance(v, dict)]
+        text += "\nParameters:\n\n" + markdown_table(("networks", *s["full"]), counts)
+    if name == "training" and s.get("cases"):
+        text += (
+            "\n"
+            + describe_setup(s["setup"])
+            + "\n\n"
+            + markdown_table(TRAINING_HEADER, training_rows(s["cases"]))
+        )
+    if name == "generation" and s.get("sizes"):
+        rows = [row for entry in s["sizes"] for row in entry.get("table", [])]
+        notes = "; ".join(f"{e['label']}: {_status(e)}" for e in s["sizes"])
+        text += f"\n{s['dtype']}, median of {s['repeats']} clip(s) after {s['warmup']} warm-up per row.\n\n"
+        text += markdown_table(GENERATION_HEADER, rows) + "\n" + notes + "\n"
+    return text
+
+
 def gpu_markdown(payload: dict) -> str:
-    """The report: environment, one table per section, the status of each section."""
-    env, sections = payload["environment"], payload["sections"]
+    """The report: environment, then each section's status and table."""
+    env = payload["environment"]
     gpu = f" ({env['gpu']}, CUDA {env.get('cuda')})" if "gpu" in env else ""
-    lines = [
-        f"# GPU benchmark ({payload['mode']})\n",
-        f"Device {env['device']}{gpu}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}, "
-        f"xformers {env['xformers'] or 'not installed'}; load average {env['load_average_start']} at the start; "
-        f"{payload.get('elapsed_s', 0)} s of a {payload['budget_s']:g} s budget.\n",
-    ]
-    for name in SECTIONS:
-        s = sections[name]
-        lines.append(f"## {name}: {s['status']}" + (f" ({s['error']})" if "error" in s else "") + "\n")
-        if name == "models" and "full" in s:
-            lines.append(
-                markdown_table(
-                    ("networks", *s["full"]), [[k, *v.values()] for k, v in s.items() if isinstance(v, dict)]
-                )
-            )
-        if name == "training" and s.get("cases"):
-            lines.append(
-                f"Setup: `{s['setup']}`\n\n" + markdown_table(TRAINING_HEADER, training_rows(s["cases"]))
-            )
-        if name == "generation" and s.get("sizes"):
-            rows = [row for entry in s["sizes"] for row in entry.get("table", [])]
-            notes = [
-                f"{e['label']}: {e['status']}" + (f" ({e['error']})" if "error" in e else "")
-                for e in s["sizes"]
-            ]
-            lines.append(markdown_table(GENERATION_HEADER, rows) + "\n" + "; ".join(notes) + "\n")
-    return "\n".join(lines)
+    head = (
+        f"# GPU benchmark ({payload['mode']})\n\nDevice {env['device']}{gpu}; torch {env['torch']}, diffusers "
+        f"{env['diffusers']}, peft {env['peft']}, xformers {env['xformers'] or 'not installed'}; load average "
+        f"{env['load_average_start']} at the start; {payload.get('elapsed_s', 0)} s of a {payload['budget_s']:g} s "
+        "budget.\n"
+    )
+    return "\n".join([head, *(_section_markdown(name, payload["sections"][name]) for name in SECTIONS)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = smoke_plan(args.budget_s)
     else:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            print("error: no CUDA GPU here; run with --smoke on a CPU (or --device cpu, very slow)")
+            print(
+                "error: no CUDA GPU here; run with --smoke on a CPU (or --device cpu, very slow)",
+                file=sys.stderr,
+            )
             return 2
         plan = full_plan(args.device, args.budget_s, args.train_steps, args.repeats, args.lora_rank)
     payload = run_gpu_benchmark(plan, args.out, tuple(args.sections))
