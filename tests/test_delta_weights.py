@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import perflow_video.atomic_files as atomic_files
 from perflow_video import __version__
-from perflow_video.tiny.tiny_models import tiny_unet
+from perflow_video.tiny.tiny_models import tiny_pipeline, tiny_unet
 from perflow_video.weights.delta_weights import (
     DeltaMetadata,
     apply_delta_weights,
@@ -333,3 +333,40 @@ def test_file_without_metadata_loads_and_applies(tmp_path, header):
     report = apply_delta_weights(teacher, loaded)
     assert report.num_applied == len(diff) and report.num_skipped == 0
     _assert_states_close(teacher.state_dict(), student_state, atol=1e-4)
+
+
+def test_a_delta_of_another_family_lists_what_does_not_fit_and_changes_nothing():
+    """An SDXL ΔW into an SD1.5 UNet: one error naming the misfits (with their shapes); no weight moved."""
+    sd15, sdxl = tiny_unet("sd15"), tiny_unet("sdxl")
+    delta = {k: torch.ones_like(v) for k, v in sdxl.state_dict().items() if k in sd15.state_dict()}
+    before = _clone_state(sd15)
+    with pytest.raises(ValueError, match=r"ΔW tensors do not fit UNet2DConditionModel: .*\(\d+, .*vs ΔW"):
+        apply_delta_weights(sd15, delta)
+    _assert_states_close(_clone_state(sd15), before, atol=0.0)
+
+
+def test_a_v2_motion_delta_into_a_v3_shaped_adapter_is_refused(models, full_delta):
+    """v2 has a mid-block motion module and 32 positions; an adapter without the mid block (v3-like)
+    holds no such keys: strict apply names them and leaves the adapter untouched."""
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
+        motion_num_attention_heads=2, use_motion_mid_block=False,
+    )  # fmt: skip
+    motion = {k: v for k, v in full_delta.items() if _is_motion(k)}
+    before = _clone_state(adapter)
+    with pytest.raises(KeyError, match="mid_block"):
+        apply_delta_weights(adapter, motion)
+    _assert_states_close(_clone_state(adapter), before, atol=0.0)
+
+
+def test_apply_to_a_whole_pipeline_goes_to_its_unet(full_delta):
+    pipe = tiny_pipeline("animatediff")
+    delta = {
+        k: torch.full_like(v, 0.5) for k, v in pipe.unet.state_dict().items() if k.endswith("conv_in.weight")
+    }
+    before = pipe.unet.conv_in.weight.detach().clone()
+    report = apply_delta_weights(pipe, delta)
+    assert report.applied == ("conv_in.weight",)
+    assert torch.allclose(pipe.unet.conv_in.weight, before + 0.5)
+    with pytest.raises(TypeError, match="cannot apply a ΔW to a dict"):
+        apply_delta_weights({}, delta)

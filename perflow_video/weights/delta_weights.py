@@ -396,13 +396,61 @@ def _holds_parts(module: torch.nn.Module) -> tuple[bool, bool]:
     return has_motion, has_spatial
 
 
+def _listed(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@dataclass
+class _Plan:
+    """What applying a ΔW to a module would do, decided before any weight changes."""
+
+    updates: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key (module shape vs ΔW shape)"
+
+
+def _plan(module: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> _Plan:
+    params = dict(module.named_parameters())
+    buffers = {name for name, _ in module.named_buffers()}
+    has_motion, has_spatial = _holds_parts(module)
+    plan = _Plan()
+    for key, value in canonical.items():
+        motion = is_diffusers_motion_key(key)
+        not_held = (motion and not has_motion) or (not motion and not has_spatial)
+        if not_held or key in buffers or _is_non_trainable(key):
+            plan.skipped.append(key)
+        elif (param := params.get(key)) is None:
+            plan.unmatched.append(key)
+        elif param.shape != value.shape:
+            plan.mismatched.append(f"{key} ({tuple(param.shape)} vs ΔW {tuple(value.shape)})")
+        else:
+            plan.updates.append((key, param, value))
+    return plan
+
+
+def _target_module(target) -> torch.nn.Module:
+    """The module a ΔW goes into: the module itself, or a pipeline's ``unet`` (AnimateDiff: the
+    ``UNetMotionModel`` that holds both the spatial weights and the motion modules)."""
+    if isinstance(target, torch.nn.Module):
+        return target
+    unet = getattr(target, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        return unet
+    raise TypeError(
+        f"cannot apply a ΔW to a {type(target).__name__}: give a UNet, a MotionAdapter or a pipeline"
+    )
+
+
 def apply_delta_weights(
-    module: torch.nn.Module,
+    module,
     delta: Mapping[str, torch.Tensor],
     alpha: float = 1.0,
     strict: bool = True,
 ) -> ApplyReport:
-    """In place ``W += alpha * ΔW`` on a ``UNet2DConditionModel``, ``UNetMotionModel`` or ``MotionAdapter``.
+    """In place ``W += alpha * ΔW`` on a ``UNet2DConditionModel``, ``UNetMotionModel``, ``MotionAdapter``
+    or a whole pipeline (its ``unet``).
 
     The ΔW is in the ``UNetMotionModel`` layout (an SD ΔW is the ``UNet2DConditionModel`` subset of
     it); original AnimateDiff motion keys are detected and converted. Motion keys (containing
@@ -412,7 +460,7 @@ def apply_delta_weights(
     module untouched.
 
     Args:
-        module: The model to update.
+        module: The model (or pipeline) to update.
         delta: The ΔW.
         alpha: Scale of the update (1.0 gives the student; other values interpolate/extrapolate).
         strict: If True, a key that matches no parameter of a part the target holds is an error.
@@ -421,45 +469,25 @@ def apply_delta_weights(
         An :class:`ApplyReport`.
 
     Raises:
-        KeyError: With ``strict``, for ΔW keys that match nothing (names them).
-        ValueError: For a shape mismatch (names the key), whatever ``strict``.
+        KeyError: With ``strict``, for ΔW keys that match nothing (lists them).
+        ValueError: For shape mismatches (lists every one: e.g. an SDXL ΔW into an SD1.5 UNet, a v2 motion
+            ΔW into a v3 adapter), whatever ``strict``.
     """
-    canonical = to_diffusers_layout(delta)
-    params = dict(module.named_parameters())
-    buffers = {name for name, _ in module.named_buffers()}
-    has_motion, has_spatial = _holds_parts(module)
-    plan: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
-    skipped: list[str] = []
-    unmatched: list[str] = []
-    for key, value in canonical.items():
-        motion = is_diffusers_motion_key(key)
-        if (
-            (motion and not has_motion)
-            or (not motion and not has_spatial)
-            or key in buffers
-            or _is_non_trainable(key)
-        ):
-            skipped.append(key)
-            continue
-        param = params.get(key)
-        if param is None:
-            unmatched.append(key)
-            continue
-        if param.shape != value.shape:
-            raise ValueError(
-                f"Shape mismatch for {key!r}: module {tuple(param.shape)} vs ΔW {tuple(value.shape)}."
-            )
-        plan.append((key, param, value))
-    if strict and unmatched:
-        shown = ", ".join(repr(k) for k in unmatched[:5])
-        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
-        raise KeyError(f"ΔW keys match no parameter of {type(module).__name__}: {shown}{more}.")
-    if skipped:
-        logger.info("Skipped %d ΔW keys that %s does not hold.", len(skipped), type(module).__name__)
+    module = _target_module(module)
+    plan = _plan(module, to_diffusers_layout(delta))
+    name = type(module).__name__
+    if plan.mismatched:
+        raise ValueError(f"{len(plan.mismatched)} ΔW tensors do not fit {name}: {_listed(plan.mismatched)}.")
+    if strict and plan.unmatched:
+        raise KeyError(f"ΔW keys match no parameter of {name}: {_listed(plan.unmatched)}.")
+    if plan.skipped:
+        logger.info("Skipped %d ΔW keys that %s does not hold.", len(plan.skipped), name)
     with torch.no_grad():
-        for _, param, value in plan:
+        for _, param, value in plan.updates:
             updated = param.detach().float() + alpha * value.to(param.device, torch.float32)
             param.copy_(updated.to(param.dtype))
     return ApplyReport(
-        applied=tuple(k for k, _, _ in plan), skipped=tuple(skipped), unmatched=tuple(unmatched)
+        applied=tuple(k for k, _, _ in plan.updates),
+        skipped=tuple(plan.skipped),
+        unmatched=tuple(plan.unmatched),
     )
