@@ -31,6 +31,10 @@ def load_model(args) -> ModelUnderTest:
     else:
         loaded, note = load_tiny_default(args.num_frames)
         print(note)
+    if not loaded.is_video:
+        from perflow_video.errors import ConfigError
+
+        raise ConfigError(f"{loaded.description}: an image model; this benchmark times video clips")
     pipe = loaded.family.pipeline(loaded.models, loaded.student, loaded.scheduler)
     size = ClipSize(loaded.num_frames, loaded.resolution, loaded.resolution)
     return ModelUnderTest(pipe, loaded.scheduler, loaded.models.scheduler_config, size, loaded.description)

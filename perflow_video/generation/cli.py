@@ -1,5 +1,9 @@
-"""Command line of ``scripts/generate.py``: 4-step clips from a trained PeRFlow student.
+"""Command line of ``scripts/generate.py``: 4-step clips (animatediff) or PNG images (sd15, sd21, sdxl) from
+a trained PeRFlow student.
 
+The family comes from the run's config.yaml (``--run``), else ``--family``, else the ΔW's metadata
+(``--delta``), else animatediff; it is known before anything loads, so that flags the family cannot use
+(``--num_frames`` for an image family, ``--format png`` for a video one) are refused first.
 A user mistake (a missing run folder, an empty prompts file, too many frames, an unwritable output)
 is one ``error: ...`` line on stderr and exit status 2; ``--debug`` shows its traceback instead.
 """
@@ -11,17 +15,29 @@ import time
 from pathlib import Path
 
 from perflow_video.errors import ConfigError, exit_status_of
+from perflow_video.family_names import FAMILY_NAMES
+from perflow_video.generation.clip_request import IMAGE_FORMATS
 from perflow_video.media.video_export import CLIP_FORMATS
 
 DEFAULT_OUTPUT = "generated"
 
 EPILOG = """\
 model source:
-  --run DIR      a finished training output folder (config.yaml, student/, scheduler/, train_summary.json)
-  --base MODEL [--motion_adapter A] [--delta FILE [--delta_scale S]]
-                 a base model (+ motion adapter) with a trained delta_weights.safetensors added
-  (none)         the tiny default: the finished run in outputs/tiny-animatediff if there is one
-                 (python scripts/train_animatediff.py), else the untrained tiny teacher
+  --run DIR      a finished training output folder (config.yaml, student/, scheduler/, train_summary.json);
+                 its config.yaml says the family
+  --base MODEL [--family F] [--motion_adapter A] [--delta FILE [--delta_scale S]]
+                 a base model (+ motion adapter) with a trained delta_weights.safetensors added; the family
+                 is --family, else the delta's (its metadata), else animatediff
+  (none)         the tiny default of --family (animatediff if not given): the finished run in
+                 outputs/tiny-<family> if there is one (python scripts/train_animatediff.py, or
+                 python scripts/train_image.py --model <family> --tiny), else the untrained tiny teacher
+
+image families (sd15, sd21, sdxl):
+  diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the student with the PeRFlowScheduler;
+  one PNG per prompt at the run's resolution (--height/--width to change it): --output x.png for one prompt,
+  or a folder: NN_<prompt slug>.png beside images.json (prompt, seed, steps, guidance, size, model, file,
+  UNet evaluations and seconds of each). The video-only flags (--num_frames, --fps, --video, --strength,
+  --context_length, --context_stride, --format gif/mp4) are an error with an image family.
 
 video-to-video (--video IN.mp4 --strength S):
   diffusers' AnimateDiffVideoToVideoPipeline on the same components and scheduler. The first --num_frames
@@ -42,6 +58,9 @@ examples:
   python scripts/generate.py --run outputs/perflow-animatediff-sd15 --prompt "a dog running on the beach" \\
       --num_frames 16 --guidance_scale 4.5 --output dog.mp4
   python scripts/generate.py --prompts prompts.txt --output clips/ --format gif
+  python scripts/generate.py --run outputs/tiny-sdxl --prompt "a red circle" --output circle.png
+  python scripts/generate.py --base stabilityai/stable-diffusion-xl-base-1.0 --delta delta_weights.safetensors \
+      --prompts prompts.txt --output images/
   python scripts/generate.py --run RUN --video walk.mp4 --strength 0.5 --prompt "a robot walking" --output robot.mp4
   python scripts/generate.py --run RUN --prompt "waves" --num_frames 64 --context_length 16 --context_stride 4 \\
       --cpu_offload --vae_slicing --output waves.mp4
@@ -51,8 +70,8 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate.py",
-        description="Sample clips from a PeRFlow student with diffusers' own pipeline and the "
-        "PeRFlowScheduler (4 steps by default).",
+        description="Sample clips (AnimateDiff) or PNG images (SD1.5 / SD2.1 / SDXL) from a PeRFlow student "
+        "with diffusers' own pipeline and the PeRFlowScheduler (4 steps by default).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -76,14 +95,20 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--base",
         metavar="MODEL",
-        help="instead of --run: a base SD1.5 model (diffusers folder, hub id, or tiny) to sample, "
+        help="instead of --run: a base model of --family (diffusers folder, hub id, or tiny) to sample, "
         "with --delta added (default with --delta: the base model the delta was trained on)",
+    )
+    add(
+        "--family",
+        choices=FAMILY_NAMES,
+        help="with --base (or alone: its tiny default): the model family, animatediff (clips) or sd15 / sd21 "
+        "/ sdxl (images). Default: the family --delta was trained on, else animatediff; a --run says its own",
     )
     add(
         "--motion_adapter",
         metavar="ADAPTER",
-        help="with --base: MotionAdapter folder / hub id / original motion-module file, or tiny "
-        "(default: the delta's, tiny for --base tiny, else guoyww/animatediff-motion-adapter-v1-5-2)",
+        help="with --base, animatediff only: MotionAdapter folder / hub id / original motion-module file, or "
+        "tiny (default: the delta's, tiny for --base tiny, else guoyww/animatediff-motion-adapter-v1-5-2)",
     )
     add(
         "--delta",
@@ -107,7 +132,7 @@ def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="a prompt (repeat the flag for several; one clip each, in the order given)",
+        help="a prompt (repeat the flag for several; one clip or image each, in the order given)",
     )
     add(
         "--prompts",
@@ -132,19 +157,19 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--num_frames",
         type=int,
-        help="frames per clip (default: the run's model.num_frames; 16 for the tiny teacher; with --video: "
-        "the input's frames up to that many); at most the motion modules' motion_max_seq_length unless "
-        "--context_length is given",
+        help="video families: frames per clip (default: the run's model.num_frames; 16 for the tiny teacher; "
+        "with --video: the input's frames up to that many); at most the motion modules' motion_max_seq_length "
+        "unless --context_length is given",
     )
-    add("--height", type=int, help="clip height in pixels (default: the run's / model's resolution)")
-    add("--width", type=int, help="clip width in pixels (default: the run's / model's resolution)")
+    add("--height", type=int, help="clip / image height in pixels (default: the run's / model's resolution)")
+    add("--width", type=int, help="clip / image width in pixels (default: the run's / model's resolution)")
     add(
         "--seed",
         type=int,
         default=0,
-        help="random seed (default: 0); prompt i uses seed + i, so the same seed gives the same clips",
+        help="random seed (default: 0); prompt i uses seed + i, so the same seed gives the same clips / images",
     )
-    add("--fps", type=float, default=8, help="frame rate of the written clips (default: 8)")
+    add("--fps", type=float, help="video families: frame rate of the written clips (default: 8)")
 
 
 def _add_video_flags(parser: argparse.ArgumentParser) -> None:
@@ -187,16 +212,16 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
         "--output",
         default=DEFAULT_OUTPUT,
         metavar="PATH",
-        help="a .gif or .mp4 file (one prompt), or a folder (default: %(default)s/): then clips are "
-        "named NN_<prompt slug>.<format> in prompt order beside clips.json (prompt, seed, steps, "
-        "guidance, model and file of each)",
+        help="a .gif or .mp4 file (clips) or .png file (images) for one prompt, or a folder (default: "
+        "%(default)s/): then the files are named NN_<prompt slug>.<format> in prompt order beside clips.json "
+        "/ images.json (prompt, seed, steps, guidance, model and file of each)",
     )
     add(
         "--format",
         dest="video_format",
-        choices=CLIP_FORMATS,
-        default="mp4",
-        help="clip format when --output is a folder (default: mp4)",
+        choices=(*CLIP_FORMATS, *IMAGE_FORMATS),
+        help="file format when --output is a folder: gif or mp4 for clips (default: mp4), png for images "
+        "(the default and only choice)",
     )
 
 
@@ -279,25 +304,40 @@ def _request(args: argparse.Namespace):
 def _from_base(args: argparse.Namespace) -> bool:
     """Whether the model comes from --base/--delta (checked against --run and --motion_adapter)."""
     from_base = args.base is not None or args.delta is not None or args.motion_adapter is not None
-    if args.run and from_base:
+    if args.run and (from_base or args.family is not None):
         raise ConfigError(
-            "--run takes the model from the run folder: leave out --base/--motion_adapter/--delta"
+            "--run takes the model (and its family) from the run folder: leave out "
+            "--base/--motion_adapter/--delta/--family"
         )
     if from_base and args.base is None and args.delta is None:
         raise ConfigError("--motion_adapter goes with --base MODEL (or --delta FILE)")
     return from_base
 
 
-def _load(args: argparse.Namespace, from_base: bool):
-    from perflow_video.generation.model_source import load_base, load_run, load_tiny_default
+def _model_source(args: argparse.Namespace):
+    """What the model flags name, resolved before anything loads: (family name, source) where source is the
+    run folder, a ``BaseSource`` (its ΔW read), or None for the tiny default."""
+    from perflow_video.generation.model_source import DEFAULT_FAMILY, check_run_folder, resolve_base
+
+    from_base = _from_base(args)
+    if args.run:
+        return check_run_folder(Path(args.run))[1].name, Path(args.run)
+    if from_base:
+        source = resolve_base(args.base, args.motion_adapter, args.delta, args.family)
+        return source.family.name, source
+    return args.family or DEFAULT_FAMILY, None
+
+
+def _load(args: argparse.Namespace, family: str, source):
+    from perflow_video.generation.model_source import load_base_source, load_run, load_tiny_default
 
     start = time.perf_counter()
-    if args.run:
-        loaded = load_run(args.run, args.num_frames)
-    elif from_base:
-        loaded = load_base(args.base, args.motion_adapter, args.delta, args.delta_scale, args.num_frames)
+    if isinstance(source, Path):
+        loaded = load_run(source, args.num_frames)
+    elif source is not None:
+        loaded = load_base_source(source, args.delta_scale, args.num_frames)
     else:
-        loaded, note = load_tiny_default(args.num_frames)
+        loaded, note = load_tiny_default(args.num_frames, family=family)
         print(note)
     print(
         f"model: {loaded.description} ({loaded.family.name}), loaded in {time.perf_counter() - start:.1f} s"
@@ -307,15 +347,14 @@ def _load(args: argparse.Namespace, from_base: bool):
 
 def _main(args: argparse.Namespace) -> int:
     from perflow_video.generation.clips import check_request, generate
-    from perflow_video.generation.model_source import check_run_folder
 
     request = _request(args)
-    from_base = _from_base(args)
-    if args.run:
-        check_run_folder(Path(args.run))
-    check_request(request)  # before loading anything (creates the output folder)
-    clips = generate(request, _load(args, from_base))
-    evaluations = sum(c.unet_evaluations for c in clips)
-    seconds = sum(c.seconds for c in clips)
-    print(f"done: {len(clips)} clip(s), {evaluations} UNet evaluations, {seconds:.2f} s sampling")
+    family, source = _model_source(args)
+    check_request(request, family)  # before loading anything (creates the output folder)
+    loaded = _load(args, family, source)
+    samples = generate(request, loaded)
+    evaluations = sum(s.unet_evaluations for s in samples)
+    seconds = sum(s.seconds for s in samples)
+    kind = "clip(s)" if loaded.is_video else "image(s)"
+    print(f"done: {len(samples)} {kind}, {evaluations} UNet evaluations, {seconds:.2f} s sampling")
     return 0

@@ -1,4 +1,6 @@
-"""Sample clips with the family's diffusers pipeline and write them atomically (plus ``clips.json``).
+"""Sample clips with the family's diffusers pipeline and write them atomically (plus ``clips.json``);
+:func:`generate` is the entry point of every family: an image family's request goes to
+:mod:`perflow_video.generation.images` (PNG files, ``images.json``).
 
 Text-to-video uses ``AnimateDiffPipeline``; with ``video`` set, diffusers' ``AnimateDiffVideoToVideoPipeline``
 built from the same components re-noises the input clip to the first timestep ``strength`` keeps and runs
@@ -11,12 +13,11 @@ crash never leaves a half-written clip; ``clips.json`` likewise. Sampling is cou
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,13 +25,21 @@ import torch
 from perflow_video.atomic_files import atomic_destination
 from perflow_video.errors import ConfigError
 from perflow_video.generation.clip_request import ClipRequest
+from perflow_video.generation.images import GeneratedImage, check_image_request, sample_images
 from perflow_video.generation.input_video import input_frame_count, probe_input_video, read_input_video
-from perflow_video.generation.model_source import LoadedModel
-from perflow_video.generation.pipeline_setup import (
-    DTYPES,
-    check_device_options,
-    pipeline_for,
+from perflow_video.generation.model_source import DEFAULT_FAMILY, LoadedModel, family_named
+from perflow_video.generation.outputs import (
+    EvaluationCounter,
+    check_common,
+    check_placement,
+    check_writable,
+    is_file_output,
+    listed_name,
+    pixel_size,
+    sample_path,
+    write_listing,
 )
+from perflow_video.generation.pipeline_setup import pipeline_for
 from perflow_video.generation.prompts import slug
 from perflow_video.media.video_decode import VideoInfo
 from perflow_video.media.video_export import CLIP_FORMATS, export_video
@@ -70,40 +79,39 @@ class GeneratedClip:
     context_stride: int | None = None
 
 
-def is_file_output(output: Path) -> bool:
-    return output.suffix.lower().lstrip(".") in CLIP_FORMATS
+def check_request(request: ClipRequest, family: str = DEFAULT_FAMILY) -> None:
+    """Mistakes that need no model, for a model of ``family`` (its name): raise ConfigError naming the flag.
+
+    Creates the output folder (the last check: it takes files).
+    """
+    check_common(request)
+    if family_named(family, "--family").data_kind == "images":
+        check_image_request(request, family)
+    else:
+        check_clip_request(request, family)
+    check_placement(request)
 
 
-def check_request(request: ClipRequest) -> None:
-    """Mistakes that need no model: raise ConfigError naming the flag."""
-    if not request.prompts:
-        raise ConfigError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
-    if request.steps < 1:
-        raise ConfigError(f"--steps {request.steps}: need at least 1")
-    if request.guidance_scale < 1.0:
-        raise ConfigError(f"--guidance_scale {request.guidance_scale}: need >= 1 (1 = no CFG)")
+def check_clip_request(request: ClipRequest, family: str) -> None:
+    """The checks of a video family's request: frames, frame rate, clip formats, video-to-video, FreeNoise."""
     if request.num_frames is not None and request.num_frames < 1:
         raise ConfigError(f"--num_frames {request.num_frames}: need at least 1")
-    if not request.fps > 0:
-        raise ConfigError(f"--fps {request.fps}: need a positive frame rate")
-    if request.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {request.dtype!r}: choose one of {sorted(DTYPES)}")
-    if request.video_format not in CLIP_FORMATS:
-        raise ConfigError(f"--format {request.video_format!r}: choose one of {CLIP_FORMATS}")
+    fps = request.effective_fps
+    if not fps > 0:
+        raise ConfigError(f"--fps {fps}: need a positive frame rate")
+    clip_format = request.output_format("clips")
+    if clip_format not in CLIP_FORMATS:
+        raise ConfigError(f"--format {clip_format}: {family} writes clips; choose one of {CLIP_FORMATS}")
     if is_file_output(request.output):
-        if len(request.prompts) != 1:
+        clip_format = request.output.suffix.lower().lstrip(".")
+        if clip_format not in CLIP_FORMATS:
             raise ConfigError(
-                f"--output {request.output} is one clip file, but {len(request.prompts)} prompts were given: "
-                "give a folder to --output for several prompts"
+                f"--output {request.output}: {family} writes clips; give a .gif or .mp4 file or a folder"
             )
-        if request.output.suffix.lower() == ".gif" and request.fps > 50:
-            raise ConfigError(f"--fps {request.fps}: a GIF plays at most 50 fps")
-    elif request.video_format == "gif" and request.fps > 50:
-        raise ConfigError(f"--fps {request.fps}: a GIF plays at most 50 fps")
+    if clip_format == "gif" and fps > 50:
+        raise ConfigError(f"--fps {fps}: a GIF plays at most 50 fps")
     check_video_options(request)
     check_free_noise_options(request)
-    check_device_options(request)
-    check_writable(request.output)
 
 
 def check_video_options(request: ClipRequest) -> None:
@@ -143,18 +151,6 @@ def check_free_noise_options(request: ClipRequest) -> None:
         )
 
 
-def check_writable(output: Path) -> None:
-    """The folder clips go to exists (created) and takes files; else ConfigError naming --output."""
-    folder = output.parent if is_file_output(output) else output
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".perflow-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--output {output}: cannot write there ({err.strerror or err})") from err
-
-
 def check_frames(request: ClipRequest, loaded: LoadedModel, frames: int) -> None:
     """The clip length fits the motion modules, or FreeNoise is on with windows that fit both."""
     limit = loaded.max_frames
@@ -186,12 +182,7 @@ def clip_shape(request: ClipRequest, loaded: LoadedModel, video: VideoInfo | Non
     else:
         frames = input_frame_count(video, request.num_frames, loaded.num_frames)
     check_frames(request, loaded, frames)
-    factor = 2 ** (len(loaded.models.vae.config.block_out_channels) - 1)  # as the pipelines compute it
-    height, width = request.height or loaded.resolution, request.width or loaded.resolution
-    for flag, value in (("--height", height), ("--width", width)):
-        if value < factor or value % factor:
-            raise ConfigError(f"{flag} {value}: need a positive multiple of {factor} (the VAE's factor)")
-    return ClipShape(frames, height, width)
+    return ClipShape(frames, *pixel_size(request, loaded))
 
 
 def _write_clip(frames: torch.Tensor, path: Path, fps: float) -> None:
@@ -207,36 +198,26 @@ def _write_clip(frames: torch.Tensor, path: Path, fps: float) -> None:
 
 
 def write_clips_json(clips: list[GeneratedClip], path: Path) -> None:
-    with atomic_destination(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"clips": [asdict(c) for c in clips]}, fh, indent=2)
-        fh.write("\n")
-
-
-class EvaluationCounter:
-    """Counts UNet noise predictions: the rows of each forward's batch (a CFG batch of two counts 2)."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.count = 0
-        self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.count += int(sample.shape[0])
-
-    def remove(self) -> None:
-        self._handle.remove()
+    write_listing(clips, path, "clips")
 
 
 @torch.no_grad()
 def generate(
     request: ClipRequest, loaded: LoadedModel, report: Callable[[str], None] = print
-) -> list[GeneratedClip]:
-    """Sample one clip per prompt (prompt ``i`` with seed ``seed + i``) and write it; returns the clips.
+) -> list[GeneratedClip] | list[GeneratedImage]:
+    """Sample one clip (video family) or PNG image (image family) per prompt, prompt ``i`` with seed
+    ``seed + i``, and write it; returns what was written.
 
-    Folder outputs also get ``clips.json`` (prompt order). ``report`` receives one line per clip (and, for
-    video-to-video, one line saying which steps run).
+    Folder outputs also get ``clips.json`` / ``images.json`` (prompt order). ``report`` receives one line
+    per sample (and, for video-to-video, one line saying which steps run).
     """
-    check_request(request)
+    check_request(request, loaded.family.name)
+    if not loaded.is_video:
+        return sample_images(request, loaded, report)
+    return _generate_clips(request, loaded, report)
+
+
+def _generate_clips(request: ClipRequest, loaded: LoadedModel, report: Callable[[str], None]):
     info = probe_input_video(request.video) if request.video is not None else None
     shape = clip_shape(request, loaded, info)
     with pipeline_for(request, loaded) as pipe:
@@ -249,9 +230,8 @@ def generate(
             clips: list[GeneratedClip] = []
             for i in range(len(request.prompts)):
                 clips.append(_sample_one(request, loaded, pipe, shape, video, counter, i, report))
-                if not is_file_output(
-                    request.output
-                ):  # after every clip: an interrupted batch lists its clips
+                # after every clip: an interrupted batch lists its clips
+                if not is_file_output(request.output):
                     write_clips_json(clips, request.output / CLIPS_JSON)
             return clips
         finally:
@@ -274,12 +254,6 @@ def describe_video_to_video(pipe, request: ClipRequest) -> str:
     )
 
 
-def _clip_path(request: ClipRequest, i: int, prompt: str) -> Path:
-    if is_file_output(request.output):
-        return request.output
-    return request.output / f"{i:02d}_{slug(prompt)}.{request.video_format}"
-
-
 def _run_pipeline(pipe, request: ClipRequest, prompt: str, seed: int, shape: ClipShape, video):
     """One clip's frames, (F, C, H, W) in [0, 1]: text-to-video, or video-to-video from ``video``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -299,19 +273,36 @@ def _run_pipeline(pipe, request: ClipRequest, prompt: str, seed: int, shape: Cli
 
 
 def _sample_one(request, loaded, pipe, shape, video, counter, i, report) -> GeneratedClip:
-    prompt, seed, path = request.prompts[i], request.seed + i, _clip_path(request, i, request.prompts[i])
+    prompt, seed = request.prompts[i], request.seed + i
+    path = sample_path(request, i, slug(prompt), request.output_format("clips"))
     counter.count = 0
     start = time.perf_counter()
     frames = _run_pipeline(pipe, request, prompt, seed, shape, video)
     seconds = time.perf_counter() - start
-    _write_clip(frames, path, request.fps)
-    name = os.fspath(path) if is_file_output(request.output) else path.name
+    _write_clip(frames, path, request.effective_fps)
     clip = GeneratedClip(
         prompt, seed, request.steps, request.guidance_scale, request.negative_prompt, shape.num_frames,
-        shape.height, shape.width, request.fps, loaded.description, name, counter.count, round(seconds, 3),
+        shape.height, shape.width, request.effective_fps, loaded.description, listed_name(request, path),
+        counter.count, round(seconds, 3),
         video=os.fspath(request.video) if request.video is not None else None,
         strength=request.effective_strength, context_length=request.context_length,
         context_stride=request.effective_context_stride,
     )  # fmt: skip
     report(f"wrote {path} ({counter.count} UNet evaluations, {seconds:.2f} s)")
     return clip
+
+
+__all__ = [
+    "CLIPS_JSON",
+    "ClipRequest",
+    "ClipShape",
+    "EvaluationCounter",
+    "GeneratedClip",
+    "GeneratedImage",
+    "check_request",
+    "check_writable",
+    "clip_shape",
+    "generate",
+    "is_file_output",
+    "write_clips_json",
+]

@@ -1,9 +1,12 @@
-"""Where the clips come from: a finished training run (``--run DIR``) or the embedded tiny default.
+"""Where the samples come from: a finished training run (``--run DIR``), a base model + ΔW (``--base``,
+``--delta``, ``--family``) or the embedded tiny default.
 
 A run folder (README "Outputs") holds ``config.yaml`` (family, base model), ``student/`` (diffusers
-layout, written by the family's ``save_student``), ``scheduler/`` (the PeRFlowScheduler config) and
-``train_summary.json`` once training finished. The frozen parts (VAE, text encoder, tokenizer) are loaded
-as the training loaded them, through the family's own ``load``; the UNet is the run's student.
+layout, written by the family's ``save_student``: ``unet_motion/`` for AnimateDiff, ``unet/`` for the image
+families), ``scheduler/`` (the PeRFlowScheduler config) and ``train_summary.json`` once training finished.
+The frozen parts (VAE, text encoders, tokenizers) are loaded as the training loaded them, through the
+family's own ``load``; the UNet is the run's student. Every family samples: ``animatediff`` clips, ``sd15`` /
+``sd21`` / ``sdxl`` images (the family's ``data_kind``).
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from diffusers import UNetMotionModel
+from diffusers import UNet2DConditionModel, UNetMotionModel
 
 from perflow_video.errors import ConfigError, PathNotFoundError, WeightsNotFoundError
 from perflow_video.families import FamilyModels, FamilySpec, ModelFamily, get_family
@@ -24,15 +27,28 @@ from perflow_video.families.loading import resolve_model_path
 from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.scheduler import PeRFlowScheduler, perflow_scheduler_for
 from perflow_video.weights.delta_sources import read_delta
-from perflow_video.weights.delta_weights import apply_delta_weights
+from perflow_video.weights.delta_weights import DeltaMetadata, apply_delta_weights
 
 #: Where ``python scripts/train_animatediff.py`` (no flags) writes its run, relative to the working directory.
 TINY_RUN_DIR = Path("outputs") / "tiny-animatediff"
 #: The embedded tiny AnimateDiff's settings (configs/tiny/animatediff.yaml): 64 px, 16 frames.
 TINY_RESOLUTION, TINY_NUM_FRAMES = 64, 16
 FINISHED_MARKER = "train_summary.json"
-# The families whose pipelines give clips (image families write PNGs: not this script's job yet).
+#: The families whose pipelines give clips; the others (sd15, sd21, sdxl) give images.
 VIDEO_FAMILIES = ("animatediff",)
+#: The family sampled when nothing names one (no --run, no ΔW metadata, no --family).
+DEFAULT_FAMILY = "animatediff"
+#: The student's folder under ``<run>/student/`` and its diffusers class, by the family's ``data_kind``.
+STUDENT_FOLDERS = {"clips": ("unet_motion", UNetMotionModel), "images": ("unet", UNet2DConditionModel)}
+
+
+def tiny_run_dir(family: str = DEFAULT_FAMILY) -> Path:
+    """Where the tiny config of ``family`` writes its run (``outputs/tiny-<family>``, configs/tiny/*.yaml)."""
+    return Path("outputs") / f"tiny-{family}"
+
+
+def is_video_family(family: ModelFamily) -> bool:
+    return family.data_kind == "clips"
 
 
 @dataclass
@@ -40,9 +56,11 @@ class LoadedModel:
     """A ready-to-sample model: the family's parts, the student UNet and its PeRFlowScheduler.
 
     Attributes:
-        description: what was loaded, for messages and clips.json (the run folder, or the tiny default).
-        resolution / num_frames: the run's (or model's) defaults for --height/--width and --num_frames.
-        max_frames: the motion modules' positional length (``motion_max_seq_length``).
+        description: what was loaded, for messages and clips.json / images.json (the run folder, the base
+            model + ΔW, or the tiny default).
+        resolution / num_frames: the run's (or model's) defaults for --height/--width and --num_frames
+            (num_frames None for an image family).
+        max_frames: the motion modules' positional length (``motion_max_seq_length``); None for images.
     """
 
     family: ModelFamily
@@ -51,8 +69,13 @@ class LoadedModel:
     scheduler: PeRFlowScheduler
     description: str
     resolution: int
-    num_frames: int
-    max_frames: int
+    num_frames: int | None
+    max_frames: int | None
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the family samples clips (else single images)."""
+        return is_video_family(self.family)
 
 
 def _read_run_config(run: Path) -> dict:
@@ -84,38 +107,42 @@ def _spec(model: dict, where: str, num_frames: int) -> FamilySpec:
         raise ConfigError(f"{where}: model section lacks or mangles {err}") from err
 
 
-def _video_family(name: str, where: str) -> ModelFamily:
+def family_named(name: str, where: str) -> ModelFamily:
+    """The family adapter of ``name``; an unknown name is a ConfigError that starts with ``where``."""
     try:
-        family = get_family(name)
+        return get_family(name)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if family.name not in VIDEO_FAMILIES:
-        raise ConfigError(
-            f"{where}: model.family={name!r} is an image family; generate.py samples video families "
-            f"({', '.join(VIDEO_FAMILIES)}). Sample image students with the diffusers pipeline (README)"
-        )
-    return family
 
 
 def _max_frames(unet: torch.nn.Module) -> int:
     return int(getattr(unet.config, "motion_max_seq_length", 32))
 
 
+def pipeline_resolution(models: FamilyModels) -> int:
+    """The square size an image pipeline samples by default: the UNet's ``sample_size`` times the VAE's
+    factor, as diffusers computes it (512 / 768 / 1024 for SD1.5 / SD2.1 / SDXL, 64 / 96 / 128 tiny)."""
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    return int(models.teacher.config.sample_size) * factor
+
+
 def _finish(family, models, student, scheduler, description, resolution, num_frames) -> LoadedModel:
     # Drop the family's teacher and its student copy: only the sampled UNet stays in memory.
-    models = dataclasses.replace(models, teacher=student, student=student)
+    models = dataclasses.replace(models, teacher=student, student=student, resolution=resolution)
     student.eval().requires_grad_(False)
+    if not is_video_family(family):
+        return LoadedModel(family, models, student, scheduler, description, resolution, None, None)
     return LoadedModel(
         family, models, student, scheduler, description, resolution, num_frames, _max_frames(student)
     )
 
 
 def check_run_folder(run: Path) -> tuple[dict, ModelFamily]:
-    """A finished run of a video family (before anything loads): its config's model section and family."""
+    """A finished run (before anything loads): its config's model section and family."""
     if not run.is_dir():
         raise PathNotFoundError(f"--run {run}: no such folder (give a training output folder)")
     model = _read_run_config(run)["model"]
-    family = _video_family(str(model.get("family", "animatediff")), str(run / "config.yaml"))
+    family = family_named(str(model.get("family", DEFAULT_FAMILY)), f"{run / 'config.yaml'}: model.family")
     for needed in (FINISHED_MARKER, "student", "scheduler"):
         if not (run / needed).exists():
             raise PathNotFoundError(
@@ -125,10 +152,21 @@ def check_run_folder(run: Path) -> tuple[dict, ModelFamily]:
     return model, family
 
 
+def _load_student(run: Path, family: ModelFamily) -> torch.nn.Module:
+    folder, cls = STUDENT_FOLDERS[family.data_kind]
+    student_dir = run / "student" / folder
+    try:
+        return cls.from_pretrained(student_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise WeightsNotFoundError(
+            f"--run {run}: cannot load the student from {student_dir} ({err})"
+        ) from err
+
+
 def load_run(run: str | Path, num_frames: int | None = None) -> LoadedModel:
     """The student of a finished training run, with the PeRFlowScheduler it was trained for.
 
-    ``num_frames`` (None: the run's ``model.num_frames``) only sets the family's per-clip frame count.
+    ``num_frames`` (None: the run's ``model.num_frames``) only sets a video family's per-clip frame count.
     """
     run = Path(run)
     model, family = check_run_folder(run)
@@ -136,13 +174,7 @@ def load_run(run: str | Path, num_frames: int | None = None) -> LoadedModel:
     run_frames = int(model.get("num_frames", TINY_NUM_FRAMES))
     spec = _spec(model, where, num_frames or run_frames)
     models = family.load(spec)
-    student_dir = run / "student" / "unet_motion"
-    try:
-        student = UNetMotionModel.from_pretrained(student_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise WeightsNotFoundError(
-            f"--run {run}: cannot load the student from {student_dir} ({err})"
-        ) from err
+    student = _load_student(run, family)
     try:
         scheduler = PeRFlowScheduler.from_pretrained(run / "scheduler")
     except (OSError, ValueError) as err:
@@ -150,36 +182,41 @@ def load_run(run: str | Path, num_frames: int | None = None) -> LoadedModel:
     return _finish(family, models, student, scheduler, os.fspath(run), spec.resolution, run_frames)
 
 
-def load_tiny_teacher(num_frames: int | None = None) -> LoadedModel:
-    """The embedded tiny AnimateDiff itself (no training), sampled with a PeRFlowScheduler on its schedule."""
-    family = get_family("animatediff")
-    spec = FamilySpec("tiny", "tiny", None, None, None, TINY_RESOLUTION, num_frames or TINY_NUM_FRAMES)
-    models = family.load(spec)
-    reflow = ReflowConfig()
+def load_tiny_teacher(num_frames: int | None = None, family: str = DEFAULT_FAMILY) -> LoadedModel:
+    """The embedded tiny model of ``family`` itself (no training), sampled with a PeRFlowScheduler on its
+    schedule (the family's default parameterization, K = 4)."""
+    adapter = family_named(family, "--family")
+    video = is_video_family(adapter)
+    spec = FamilySpec(
+        "tiny", "tiny" if video else None, None, None, None, TINY_RESOLUTION, num_frames or TINY_NUM_FRAMES
+    )
+    models = adapter.load(spec)
+    resolution = TINY_RESOLUTION if video else pipeline_resolution(models)
     scheduler = perflow_scheduler_for(
-        models.scheduler_config, reflow.parameterization, reflow.num_time_windows
+        models.scheduler_config, adapter.default_parameterization, ReflowConfig().num_time_windows
     )
-    return _finish(
-        family,
-        models,
-        models.teacher,
-        scheduler,
-        "tiny teacher (untrained)",
-        TINY_RESOLUTION,
-        TINY_NUM_FRAMES,
-    )
+    description = "tiny teacher (untrained)"
+    return _finish(adapter, models, models.teacher, scheduler, description, resolution, TINY_NUM_FRAMES)
 
 
-def load_tiny_default(num_frames: int | None = None, run_dir: Path = TINY_RUN_DIR) -> tuple[LoadedModel, str]:
-    """The tiny default: the finished run in ``outputs/tiny-animatediff`` if there is one, else the tiny
-    teacher itself. Returns the model and a line saying which it is."""
+def load_tiny_default(
+    num_frames: int | None = None, run_dir: Path | None = None, family: str = DEFAULT_FAMILY
+) -> tuple[LoadedModel, str]:
+    """The tiny default of ``family``: the finished run in ``run_dir`` (default ``outputs/tiny-<family>``) if
+    there is one, else the tiny teacher itself. Returns the model and a line saying which it is."""
+    run_dir = tiny_run_dir(family) if run_dir is None else run_dir
     if (run_dir / FINISHED_MARKER).is_file():
         return load_run(run_dir, num_frames), f"no model given: using the finished tiny run in {run_dir}"
+    trainer = (
+        "python scripts/train_animatediff.py"
+        if family == DEFAULT_FAMILY
+        else f"python scripts/train_image.py --model {family} --tiny"
+    )
     note = (
-        f"no model given and no finished run in {run_dir} (python scripts/train_animatediff.py writes one): "
+        f"no model given and no finished run in {run_dir} ({trainer} writes one): "
         "sampling the untrained tiny teacher with the PeRFlow scheduler"
     )
-    return load_tiny_teacher(num_frames), note
+    return load_tiny_teacher(num_frames, family), note
 
 
 def tiny_model_folder(family: str = "animatediff") -> str:
@@ -189,75 +226,162 @@ def tiny_model_folder(family: str = "animatediff") -> str:
     return resolve_model_path("tiny", family)
 
 
+@dataclass
+class BaseSource:
+    """What ``--base`` / ``--motion_adapter`` / ``--delta`` / ``--family`` resolve to, before any model loads
+    (:func:`resolve_base`; the ΔW is read once, here).
+
+    Attributes:
+        trained: the model section of the training config in the ΔW's metadata ({} without one).
+    """
+
+    base: str
+    family: ModelFamily
+    motion_adapter: str | None
+    delta: Path | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    meta: DeltaMetadata | None = None
+    trained: dict = field(default_factory=dict)
+
+
+def _read_delta_file(delta: Path) -> tuple[dict[str, torch.Tensor], DeltaMetadata | None, dict]:
+    """(ΔW tensors, metadata or None, the model section of its training config) of --delta."""
+    if not delta.exists():
+        raise PathNotFoundError(f"--delta {delta}: no such file or folder")
+    try:
+        tensors, meta = read_delta(delta)  # a file, or a UNet folder of differences (official ΔW)
+    except (ConfigError, PathNotFoundError) as err:
+        raise ConfigError(f"--delta {delta}: {err}") from err
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ConfigError(f"--delta {delta}: not a readable safetensors file ({err})") from err
+    trained = json.loads(meta.resolved_config or "{}").get("model", {}) if meta is not None else {}
+    return tensors, meta, trained
+
+
+def _base_family(family: str | None, delta: Path | None, meta: DeltaMetadata | None) -> ModelFamily:
+    """--family, else the ΔW's family, else animatediff; --family against the ΔW's own is an error."""
+    trained_family = meta.family if meta is not None else None
+    if family is not None and trained_family is not None and family != trained_family:
+        raise ConfigError(
+            f"--family {family}: --delta {delta} was trained on {trained_family}; leave out --family "
+            f"(the ΔW's family is used) or give --family {trained_family}"
+        )
+    name = family or trained_family or DEFAULT_FAMILY
+    return family_named(name, "--family" if family is not None else f"--delta {delta}")
+
+
+def resolve_base(
+    base: str | None,
+    motion_adapter: str | None = None,
+    delta: str | Path | None = None,
+    family: str | None = None,
+) -> BaseSource:
+    """The base model, family and motion adapter the flags mean (the ΔW's metadata fills in what they leave
+    out); the ΔW file is read here. Raises ConfigError naming the flag."""
+    tensors, meta, trained = None, None, {}
+    if delta is not None:
+        delta = Path(delta)
+        tensors, meta, trained = _read_delta_file(delta)
+    adapter = _base_family(family, delta, meta)
+    if base is None:
+        base = trained.get("pretrained_model_name_or_path")
+        if base is None:
+            raise ConfigError(f"--delta {delta}: its metadata names no base model; give --base")
+    if not is_video_family(adapter):
+        if motion_adapter is not None:
+            raise ConfigError(
+                f"--motion_adapter {motion_adapter}: {adapter.name} is an image family (no motion modules); "
+                "leave the flag out"
+            )
+    elif motion_adapter is None:
+        same_base = trained.get("pretrained_model_name_or_path") == base
+        motion_adapter = trained.get("motion_adapter") if same_base else ("tiny" if base == "tiny" else None)
+    return BaseSource(base, adapter, motion_adapter, delta, tensors, meta, trained)
+
+
+def _base_spec(source: BaseSource, num_frames: int) -> FamilySpec:
+    """The FamilySpec of a base model: the ΔW's training settings where they are about this base / adapter."""
+    trained, base = source.trained, source.base
+    same_base = base == trained.get("pretrained_model_name_or_path")
+    same_adapter = source.motion_adapter == trained.get("motion_adapter")
+    default_resolution = TINY_RESOLUTION if base == "tiny" else source.family.default_resolution
+    return FamilySpec(
+        pretrained_model_name_or_path=base,
+        motion_adapter=source.motion_adapter,
+        single_file_config=trained.get("single_file_config"),
+        revision=trained.get("revision") if same_base else None,
+        variant=trained.get("variant") if same_base else None,
+        resolution=int(trained.get("resolution") or default_resolution),
+        num_frames=num_frames,
+        motion_adapter_config=trained.get("motion_adapter_config") if same_adapter else None,
+    )
+
+
+def _describe_base(source: BaseSource) -> str:
+    adapter = f" + motion adapter {source.motion_adapter}" if source.motion_adapter else ""
+    return f"base {source.base}{adapter}"
+
+
+def load_base_source(
+    source: BaseSource, delta_scale: float = 1.0, num_frames: int | None = None
+) -> LoadedModel:
+    """Load a :func:`resolve_base` result with ``ΔW * delta_scale`` added to its UNet.
+
+    The scheduler's parameterization and K come from the ΔW's metadata; without it, the family's default
+    parameterization and K = 4. Image families sample at the ΔW's training resolution, else at the base
+    pipeline's own default size (:func:`pipeline_resolution`).
+    """
+    trained, family = source.trained, source.family
+    run_frames = int(trained.get("num_frames") or (TINY_NUM_FRAMES if source.base == "tiny" else 16))
+    spec = _base_spec(source, num_frames or run_frames)
+    models = family.load(spec)
+    unet, description = models.teacher, _describe_base(source)
+    if source.tensors is not None:
+        try:
+            apply_delta_weights(unet, source.tensors, alpha=delta_scale)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(
+                f"--delta {source.delta}: does not fit the base model {source.base} ({err})"
+            ) from err
+        description += f" + {delta_scale:g} x ΔW {source.delta}"
+    meta = source.meta
+    parameterization = meta.parameterization if meta else family.default_parameterization
+    windows = meta.num_time_windows if meta else ReflowConfig().num_time_windows
+    scheduler = perflow_scheduler_for(models.scheduler_config, parameterization, windows)
+    resolution = spec.resolution
+    if not is_video_family(family) and not trained.get("resolution"):
+        resolution = pipeline_resolution(models)
+    return _finish(family, models, unet, scheduler, description, resolution, run_frames)
+
+
 def load_base(
     base: str | None,
     motion_adapter: str | None = None,
     delta: str | Path | None = None,
     delta_scale: float = 1.0,
     num_frames: int | None = None,
+    family: str | None = None,
 ) -> LoadedModel:
-    """A base model (diffusers folder, hub id or ``tiny``) + motion adapter, with ``ΔW * delta_scale`` added.
+    """A base model (diffusers folder, hub id or ``tiny``) (+ motion adapter), with ``ΔW * delta_scale`` added.
 
-    The ΔW file's metadata gives the parameterization and K of the scheduler and, for what the flags
-    leave out, the model settings the ΔW was trained with (base model, motion adapter, resolution).
-    Without a ΔW: the base model itself (parameterization B, K = 4).
+    The ΔW file's metadata gives the family, the parameterization and K of the scheduler and, for what the
+    flags leave out, the model settings the ΔW was trained with (base model, motion adapter, resolution).
+    ``family`` (None: the ΔW's, else animatediff) picks the family of a base without metadata.
+    Without a ΔW: the base model itself.
     """
-    tensors, meta, trained = None, None, {}
-    if delta is not None:
-        delta = Path(delta)
-        if not delta.exists():
-            raise PathNotFoundError(f"--delta {delta}: no such file or folder")
-        try:
-            tensors, meta = read_delta(delta)  # a file, or a UNet folder of differences (official ΔW)
-        except (ConfigError, PathNotFoundError) as err:
-            raise ConfigError(f"--delta {delta}: {err}") from err
-        except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise ConfigError(f"--delta {delta}: not a readable safetensors file ({err})") from err
-        if meta is not None:
-            trained = json.loads(meta.resolved_config or "{}").get("model", {})
-    if base is None:
-        base = trained.get("pretrained_model_name_or_path")
-        if base is None:
-            raise ConfigError(f"--delta {delta}: its metadata names no base model; give --base")
-    family = _video_family(str(trained.get("family", "animatediff")), f"--delta {delta}")
-    if motion_adapter is None:
-        same_base = trained.get("pretrained_model_name_or_path") == base
-        motion_adapter = trained.get("motion_adapter") if same_base else ("tiny" if base == "tiny" else None)
-    resolution = int(
-        trained.get("resolution") or (TINY_RESOLUTION if base == "tiny" else family.default_resolution)
-    )
-    run_frames = int(trained.get("num_frames") or (TINY_NUM_FRAMES if base == "tiny" else 16))
-    same_adapter = motion_adapter == trained.get("motion_adapter")
-    spec = FamilySpec(
-        pretrained_model_name_or_path=base,
-        motion_adapter=motion_adapter,
-        single_file_config=trained.get("single_file_config"),
-        revision=trained.get("revision") if base == trained.get("pretrained_model_name_or_path") else None,
-        variant=trained.get("variant") if base == trained.get("pretrained_model_name_or_path") else None,
-        resolution=resolution,
-        num_frames=num_frames or run_frames,
-        motion_adapter_config=trained.get("motion_adapter_config") if same_adapter else None,
-    )
-    models = family.load(spec)
-    unet = models.teacher
-    description = f"base {base}" + (f" + motion adapter {motion_adapter}" if motion_adapter else "")
-    if tensors is not None:
-        try:
-            apply_delta_weights(unet, tensors, alpha=delta_scale)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"--delta {delta}: does not fit the base model {base} ({err})") from err
-        description += f" + {delta_scale:g} x ΔW {delta}"
-    parameterization = meta.parameterization if meta else ReflowConfig().parameterization
-    windows = meta.num_time_windows if meta else ReflowConfig().num_time_windows
-    scheduler = perflow_scheduler_for(models.scheduler_config, parameterization, windows)
-    return _finish(family, models, unet, scheduler, description, resolution, run_frames)
+    return load_base_source(resolve_base(base, motion_adapter, delta, family), delta_scale, num_frames)
 
 
 __all__ = [
+    "BaseSource",
     "LoadedModel",
     "check_run_folder",
     "load_base",
+    "load_base_source",
     "load_run",
     "load_tiny_default",
     "load_tiny_teacher",
+    "pipeline_resolution",
+    "resolve_base",
+    "tiny_run_dir",
 ]

@@ -1,7 +1,9 @@
-"""The diffusers pipeline a clip request asks for, from the loaded model's components.
+"""The diffusers pipeline a request asks for, from the loaded model's components.
 
 * Text-to-video: the family's ``AnimateDiffPipeline``; video-to-video (``--video``): diffusers'
   ``AnimateDiffVideoToVideoPipeline.from_pipe`` of it (the same components, our PeRFlowScheduler included).
+* Images: the image family's ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, with the same
+  options (no FreeNoise, no video-to-video: those flags are refused for image families before this).
 * Long clips (``--context_length``): diffusers' FreeNoise, ``pipe.enable_free_noise``.
 * GPU options: the attention backend (:mod:`perflow_video.families.attention`), VAE slicing / tiling (the
   ``AutoencoderKL``'s own ``enable_slicing`` / ``enable_tiling``: diffusers 0.42.1's AnimateDiff pipelines
@@ -142,7 +144,7 @@ def release_pipeline(pipe) -> None:
     """Undo the options that live in the shared models, so the LoadedModel samples plainly again."""
     if getattr(pipe, "_all_hooks", None):  # model CPU offload
         pipe.remove_all_hooks()
-    if pipe.free_noise_enabled:
+    if getattr(pipe, "free_noise_enabled", False):  # the image pipelines have no FreeNoise
         disable_free_noise(pipe)
     pipe.vae.disable_slicing()
     pipe.vae.disable_tiling()
