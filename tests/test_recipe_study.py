@@ -85,3 +85,18 @@ def test_training_on_the_pool_lowers_its_loss():
 
     result = train_recipe(unet, everything, pool, Recipe("adamw", lr=1e-3), pool_loss, _expand, 160, 160)
     assert result.scores[-1] < 0.7 * result.scores[0]  # measured: 0.56 x in 40 steps
+
+
+def test_lora_delta_at_full_rank_is_the_delta_on_its_keys_and_samples_approach_the_full_student():
+    from perflow_video.evaluation.lora_fidelity import lora_delta, sample_distance
+
+    unet, config, _ = _setup()
+    gen = torch.Generator().manual_seed(4)
+    delta = {k: 1e-2 * torch.randn(p.shape, generator=gen) for k, p in unet.named_parameters()}
+    full = lora_delta(delta, rank=4096)
+    assert full and all(torch.allclose(full[k], delta[k], atol=1e-6) for k in full)
+    assert all(delta[k].ndim >= 2 for k in full)  # biases / norms are not in a LoRA
+    noise = torch.randn(2, 4, FRAMES, 8, 8, generator=gen)
+    cond = _expand(torch.randn(2, 77, 32, generator=gen))
+    d = sample_distance(unet, delta, [1, 4096], perflow_scheduler_for(config, "ddim_eps", 4), noise, cond)
+    assert d["4096"] < d["1"] < d["0"] * 1.5 and d["4096"] < 0.5 * d["0"]
