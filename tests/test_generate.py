@@ -5,7 +5,6 @@ clips.json, seeds, UNet evaluation counts, the prompts-file rules and the user e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
+from conftest import offline_tiny_env
 from PIL import Image, ImageSequence
 
 from perflow_video.errors import ConfigError, PathNotFoundError
@@ -28,19 +27,8 @@ FRAMES, SIZE = 4, 64  # the fixture run's model.num_frames and model.resolution
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Offline, with a tiny-model cache shared by the training run and every generation in this module."""
-    root = tmp_path_factory.mktemp("generate")
-    # One thread: on a busy shared CPU, two spinning OpenMP threads make the tiny model's first forward
-    # passes ~50x slower.
-    values = {"PERFLOW_VIDEO_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in values.items():
-                mp.setenv(key, value)
-            yield {**os.environ, **values}
-    finally:
-        torch.set_num_threads(threads)
+    with offline_tiny_env(tmp_path_factory.mktemp("generate")) as environment:
+        yield environment
 
 
 @pytest.fixture(scope="module")

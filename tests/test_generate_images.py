@@ -10,14 +10,13 @@ nothing written).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import offline_tiny_env
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
@@ -39,17 +38,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Offline, one thread, a tiny-model cache shared by the training runs and every generation here."""
-    root = tmp_path_factory.mktemp("generate_images")
-    values = {"PERFLOW_VIDEO_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in values.items():
-                mp.setenv(key, value)
-            yield {**os.environ, **values}
-    finally:
-        torch.set_num_threads(threads)
+    with offline_tiny_env(tmp_path_factory.mktemp("generate_images")) as environment:
+        yield environment
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -20,6 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import offline_tiny_env
 from diffusers import AnimateDiffVideoToVideoPipeline
 from diffusers.models.attention import FreeNoiseTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -37,17 +38,8 @@ IN_FRAMES, IN_H, IN_W = 6, 72, 96  # the input clip: not square, not the model's
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Offline, one thread, a tiny-model cache shared by the module (as tests/test_generate.py)."""
-    root = tmp_path_factory.mktemp("generate_v2v")
-    values = {"PERFLOW_VIDEO_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in values.items():
-                mp.setenv(key, value)
-            yield values
-    finally:
-        torch.set_num_threads(threads)
+    with offline_tiny_env(tmp_path_factory.mktemp("generate_v2v")) as environment:
+        yield environment
 
 
 @pytest.fixture
