@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+import yaml
 from huggingface_hub import constants
 
 from perflow_video.datasets.video_clips import BadDataError
@@ -110,6 +111,18 @@ def test_debug_shows_the_traceback_and_help_config_the_values_of_the_no_argument
     assert "  optim.learning_rate = 0.0001  # AdamW peak learning rate" in proc.stdout
     assert '  run.output_dir = "outputs/tiny-animatediff"  # ' in proc.stdout
     assert "configs/tiny/animatediff.yaml" in proc.stdout.splitlines()[0]
+
+
+def test_dry_run_prints_the_memory_plan_of_the_real_recipe_offline_without_loading(env):
+    recipe = str(REPO / "configs" / "animatediff_sd15.yaml")
+    proc = script(env, "train_animatediff.py", "--config", recipe, "--dry-run", "model.init=random")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load(proc.stdout)["model"]["init"] == "random"  # the plan lines are YAML comments
+    plan = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
+    assert plan[0].startswith("# memory plan") and "1 x 16 x 384 x 384" in plan[0]
+    assert any("student = teacher: shared frozen weights" in line and "859.52M" in line for line in plan)
+    assert any("total, one GPU" in line for line in plan) and not any("note:" in line for line in plan)
+    assert not any(marker in proc.stderr for marker in LOADING), proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ in process

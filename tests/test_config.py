@@ -11,7 +11,7 @@ import pytest
 from diffusers.optimization import SchedulerType
 
 from perflow_video.datasets.video_clips import SHORT_CLIP_POLICIES
-from perflow_video.families import get_family
+from perflow_video.families import MODEL_INITS, get_family
 from perflow_video.families.attention import ATTENTION_BACKENDS, xformers_available
 from perflow_video.family_names import FAMILY_NAMES
 from perflow_video.media.video_decode import BACKENDS
@@ -138,7 +138,7 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
         for name, values in field_choices(type(getattr(cfg, s.name))).items()
     }
     expected = {
-        "model.family", "model.trainable", "model.attention", "data.short_clip_policy", "data.backend",
+        "model.family", "model.trainable", "model.init", "model.attention", "data.short_clip_policy", "data.backend",
         "optim.lr_scheduler", "optim.mixed_precision", "optim.frozen_dtype", "run.sample_format",
         "run.report_to", "reflow.parameterization", "reflow.loss_weighting", "reflow.teacher_prediction_type",
     }  # fmt: skip
@@ -146,6 +146,7 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
     # The Literal and the tuple the owning code checks are one list of values.
     assert choices["model.family"] == FAMILY_NAMES
     assert choices["model.attention"] == ATTENTION_BACKENDS
+    assert choices["model.init"] == MODEL_INITS
     assert choices["data.short_clip_policy"] == SHORT_CLIP_POLICIES
     assert choices["reflow.loss_weighting"] == LOSS_WEIGHTINGS
     offered = {choice for name in FAMILY_NAMES for choice in get_family(name).trainable_choices}

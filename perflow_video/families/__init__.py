@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from perflow_video.families.animatediff import AnimateDiffFamily
-from perflow_video.families.base import DataKind, FamilyModels, FamilySpec, ModelFamily, Trainable
+from perflow_video.families.base import (
+    MODEL_INITS,
+    DataKind,
+    FamilyModels,
+    FamilySpec,
+    ModelFamily,
+    ModelInit,
+    Trainable,
+)
 from perflow_video.families.sdxl import SDXLFamily
 from perflow_video.families.stable_diffusion import StableDiffusionFamily
 from perflow_video.family_names import FAMILY_NAMES, FamilyName
@@ -28,11 +36,13 @@ def get_family(name: str) -> ModelFamily:
 __all__ = [
     "ADAPTERS",
     "FAMILY_NAMES",
+    "MODEL_INITS",
     "DataKind",
     "FamilyModels",
     "FamilyName",
     "FamilySpec",
     "ModelFamily",
+    "ModelInit",
     "Trainable",
     "get_family",
 ]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -26,6 +26,12 @@ from perflow_video.weights.delta_weights import DeltaMetadata
 
 #: ``model.trainable``: which student weights train (``motion`` / ``spatial`` only where there are motion modules).
 Trainable = Literal["motion", "spatial", "all"]
+#: ``model.init``: load the weights, or build the real architecture (``perflow_video/architectures``) with random
+#: weights, offline (benchmarks, memory plans, smoke tests on the real shapes).
+ModelInit = Literal["pretrained", "random"]
+MODEL_INITS: tuple[str, ...] = get_args(ModelInit)
+#: The student attribute naming the parameters it shares with the teacher (the very same Parameter objects).
+SHARED_WITH_TEACHER = "perflow_shared_with_teacher"
 #: What a family trains on: video clips (F, 3, H, W) or captioned images (3, H, W).
 DataKind = Literal["clips", "images"]
 #: The ΔW metadata of one file, given the key layout it is written in (built by the trainer from its config).
@@ -78,6 +84,10 @@ class FamilySpec:
     resolution: int
     num_frames: int
     motion_adapter_config: str | None = None  # config of an original motion-module file (animatediff)
+    init: ModelInit = "pretrained"  # random: the shipped architecture of the family, random weights
+    # What the student will train: its other weights are the teacher's own Parameter objects (one copy in
+    # memory). None: the student is a full, independent copy (what callers that retrain it freely want).
+    student_trainable: Trainable | None = None
 
 
 def is_single_file(path: str | None) -> bool:
@@ -98,11 +108,28 @@ def missing_weights_error(what: str, where: str, flag: str) -> WeightsNotFoundEr
     )
 
 
-def make_student(teacher: torch.nn.Module) -> torch.nn.Module:
-    """The student starts as an exact copy of the teacher (paper Algorithm 1)."""
-    student = copy.deepcopy(teacher)
-    student.requires_grad_(True)
+def make_student(teacher: torch.nn.Module, shared: Iterable[str] = ()) -> torch.nn.Module:
+    """The student starts as an exact copy of the teacher (paper Algorithm 1).
+
+    The teacher parameters named in ``shared`` (the frozen ones) are not copied: the student holds the very
+    same Parameter objects, so they exist once in memory and stay bit-identical. They keep
+    ``requires_grad=False``; the student records their names (``SHARED_WITH_TEACHER``) so that
+    ``ModelFamily.set_trainable`` refuses to train them (an update would change the teacher).
+    """
+    by_name = dict(teacher.named_parameters())
+    names = frozenset(shared)
+    memo = {id(by_name[name]): by_name[name] for name in names}  # deepcopy returns these objects as they are
+    student = copy.deepcopy(teacher, memo)
+    for name, param in student.named_parameters():
+        if name not in names:
+            param.requires_grad_(True)
+    setattr(student, SHARED_WITH_TEACHER, names)
     return student
+
+
+def shared_with_teacher(student: torch.nn.Module) -> frozenset[str]:
+    """The names of the student parameters that are the teacher's own objects (empty for a full copy)."""
+    return getattr(student, SHARED_WITH_TEACHER, frozenset())
 
 
 def tokenize(tokenizer, prompts: list[str], device) -> Tensor:
@@ -146,13 +173,39 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load(self, spec: FamilySpec) -> FamilyModels:
-        """Load teacher (+ student copy), VAE, text encoder(s) and the teacher's scheduler config."""
+        """Load teacher (+ student copy), VAE, text encoder(s) and the teacher's scheduler config.
+
+        ``spec.init == "random"`` builds the family's real architecture with random weights instead
+        (:meth:`random_models` on ``families.loading.shipped_configs``); ``spec.student_trainable`` makes
+        the student share the teacher's frozen weights (:meth:`student_of`).
+        """
+
+    @abstractmethod
+    def random_models(self, spec: FamilySpec, configs) -> FamilyModels:
+        """What :meth:`load` returns, built from the component configs ``configs`` (a
+        ``families.loading.ComponentConfigs``) with random weights (seeded: every call builds the same
+        weights); on the meta device under ``accelerate.init_empty_weights`` (memory plans)."""
+
+    def student_of(self, teacher: torch.nn.Module, trainable: str | None) -> torch.nn.Module:
+        """The student of ``teacher``: a copy of the weights that train under ``trainable``, sharing the
+        others with the teacher (``trainable=None``: a full copy)."""
+        if trainable is None:
+            return make_student(teacher)
+        frozen = [n for n, _ in teacher.named_parameters() if not self.trains(n, trainable)]
+        return make_student(teacher, frozen)
 
     def set_trainable(self, student: torch.nn.Module, trainable: str) -> list[str]:
         """Freeze all but the chosen weights; returns the names of the trainable parameters."""
         if trainable not in self.trainable_choices:
             raise ValueError(
                 f"model.trainable={trainable!r} for {self.name}; choose one of {self.trainable_choices}"
+            )
+        shared = shared_with_teacher(student)
+        clash = [n for n, _ in student.named_parameters() if n in shared and self.trains(n, trainable)]
+        if clash:
+            raise ValueError(
+                f"model.trainable={trainable!r} would train {len(clash)} tensors ({clash[0]}, ...) that this "
+                "student shares with the teacher; build the student for this choice (FamilySpec.student_trainable)"
             )
         for name, param in student.named_parameters():
             param.requires_grad_(self.trains(name, trainable))

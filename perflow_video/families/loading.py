@@ -1,5 +1,7 @@
 """Loading teacher components from a hub id, a local diffusers folder, a single checkpoint file, or the
-embedded tiny default (built once into a cache folder, then loaded through the very same path).
+embedded tiny default (built once into a cache folder, then loaded through the very same path); or, with
+``model.init=random``, building the real architecture from the configs shipped in
+``perflow_video/architectures`` with random weights (:func:`shipped_configs`, :func:`random_weights`).
 
 ``check_weights_present`` answers, before anything loads, whether a source is there: tiny, local, in the
 Hugging Face cache (looked up offline), or, when downloads are allowed, on a reachable hub.
@@ -7,18 +9,27 @@ Hugging Face cache (looked up offline), or, when downloads are allowed, on a rea
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
+import torch
 from diffusers import DDIMScheduler
 from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from transformers import CLIPTextConfig, CLIPTokenizer
 
+from perflow_video.architectures import component_config
 from perflow_video.errors import WeightsNotFoundError
 from perflow_video.families.base import missing_weights_error
 from perflow_video.family_names import FamilyName
+from perflow_video.tiny.tiny_models import tiny_tokenizer
 
 TINY_PREFIX = "tiny"
 #: Where each family's base weights usually come from (the example in a "weights not found" message).
@@ -144,3 +155,110 @@ def check_weights_present(flag: str, source: str, marker: str, revision: str | N
         f"({huggingface_hub.constants.HF_HUB_CACHE}), and {problem}. Fetch it where the hub is reachable "
         f"(`{fetch}`) or set {flag} to a local folder or cached hub id, e.g. {flag}={instead}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# model.init=random: the real architecture, random weights, no download
+# ----------------------------------------------------------------------------------------------------
+
+#: The shipped architecture (``perflow_video/architectures/<name>``) of each family's base model.
+FAMILY_ARCHITECTURES: dict[FamilyName, str] = {
+    "animatediff": "sd15", "sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl",
+}  # fmt: skip
+#: Every random-weight build starts from this seed, so all processes and a resumed run build the same teacher.
+RANDOM_INIT_SEED = 0
+#: How a ``model.motion_adapter`` value names its version (first match wins: v1-5-3 and v1-5-2 before v1-5),
+#: e.g. guoyww/animatediff-motion-adapter-v1-5-3, mm_sd_v15_v2.ckpt, mm_sd_v15.ckpt.
+MOTION_ADAPTER_VERSIONS: tuple[tuple[str, re.Pattern], ...] = (
+    ("motion_adapter_v1_5_3", re.compile(r"v1-5-3|(^|[^a-z0-9])v3($|[^0-9])")),
+    ("motion_adapter_v1_5_2", re.compile(r"v1-5-2|(^|[^a-z0-9])v2($|[^0-9])")),
+    ("motion_adapter_v1_5", re.compile(r"v1-5|v1[45]|(^|[^a-z0-9])v1($|[^0-9])")),
+)
+DEFAULT_MOTION_ADAPTER_ARCHITECTURE = "motion_adapter_v1_5_2"
+
+
+def motion_adapter_architecture(value: str | None) -> str:
+    """The shipped motion-adapter architecture a ``model.motion_adapter`` value names (None / tiny: v1-5-2).
+
+    Raises:
+        ValueError: the value names no version (the message says how to name one).
+    """
+    if value is None or value == TINY_PREFIX:
+        return DEFAULT_MOTION_ADAPTER_ARCHITECTURE
+    normalized = re.sub(r"[_.]", "-", value.lower())
+    for architecture, pattern in MOTION_ADAPTER_VERSIONS:
+        if pattern.search(normalized):
+            return architecture
+    raise ValueError(
+        f"model.motion_adapter={value!r} names no motion-adapter version; with model.init=random it selects "
+        "the architecture: use a value naming v1-5, v1-5-2 or v1-5-3 (e.g. "
+        "guoyww/animatediff-motion-adapter-v1-5-3), or null for v1-5-2"
+    )
+
+
+#: A component name (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``, ``motion_adapter``)
+#: -> its config dict.
+ConfigReader = Callable[[str], dict]
+
+
+@dataclass(frozen=True)
+class ComponentConfigs:
+    """The component configs a random-weight build reads, and what the built models then say they are."""
+
+    read: ConfigReader
+    base_model: str  # FamilyModels.base_model, e.g. "random:sd15"
+    motion_adapter: str | None = None  # FamilyModels.motion_adapter, e.g. "random:motion_adapter_v1_5_2"
+
+
+def with_tokenizer_vocabulary(config: dict, tokenizer: CLIPTokenizer) -> dict:
+    """A CLIP text-encoder config whose vocabulary (and special ids) are the tokenizer's."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    return {**config, "vocab_size": len(tokenizer), **ids}
+
+
+def shipped_configs(family: FamilyName, motion_adapter: str | None) -> ComponentConfigs:
+    """The configs of ``model.init=random``: the family's shipped architecture (animatediff: SD1.5 plus the
+    motion-adapter version ``motion_adapter`` names). The text encoders' vocabulary is shrunk to the embedded
+    tiny tokenizer's (~900 tokens instead of CLIP's 49408: the real BPE files are not shipped), which removes
+    (49408 - ~900) x hidden_size embedding weights (37M for SD1.5) and changes nothing else."""
+    base = FAMILY_ARCHITECTURES[family]
+    adapter = motion_adapter_architecture(motion_adapter) if family == "animatediff" else None
+    tokenizer = tiny_tokenizer()
+
+    def read(component: str) -> dict:
+        if component == "motion_adapter":
+            return component_config(adapter)
+        config = component_config(base, component)
+        return (
+            with_tokenizer_vocabulary(config, tokenizer) if component.startswith("text_encoder") else config
+        )
+
+    return ComponentConfigs(read, f"random:{base}", adapter and f"random:{adapter}")
+
+
+@contextlib.contextmanager
+def random_weights(offset: int = 0) -> Iterator[None]:
+    """Seed torch's CPU RNG (``RANDOM_INIT_SEED + offset``) while models are built; the global state is restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED + offset)
+        yield
+
+
+def random_text_encoder(cls, config: dict):
+    """A transformers CLIP text model (``CLIPTextModel`` / ``CLIPTextModelWithProjection``) from a config dict."""
+    return cls(CLIPTextConfig(**config)).eval()
+
+
+def read_component_config(source: str, component: str | None, revision: str | None = None) -> dict:
+    """``<source>/<component>/config.json`` from a local folder or the Hugging Face cache (never downloads).
+
+    Raises:
+        OSError: the folder has no such file, or the hub repo's file is not in the cache.
+    """
+    name = f"{component}/config.json" if component else "config.json"
+    if os.path.isdir(source):
+        path = Path(source) / name
+    else:
+        path = huggingface_hub.hf_hub_download(source, name, revision=revision, local_files_only=True)
+    return json.loads(Path(path).read_text())

@@ -11,11 +11,19 @@ from perflow_video.families.base import (
     FamilySpec,
     ModelFamily,
     encode_pixels_to_latents,
-    make_student,
     tokenize,
 )
-from perflow_video.families.loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.families.loading import (
+    ComponentConfigs,
+    load_component,
+    load_scheduler_config,
+    random_text_encoder,
+    random_weights,
+    resolve_model_path,
+    shipped_configs,
+)
 from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.tiny.tiny_models import tiny_tokenizer
 
 FLAG = "model.pretrained_model_name_or_path"
 
@@ -30,6 +38,8 @@ class SDXLFamily(ModelFamily):
     trainable_choices = ("all",)  # no motion modules: the whole UNet trains
 
     def load(self, spec: FamilySpec) -> FamilyModels:
+        if spec.init == "random":
+            return self.random_models(spec, shipped_configs(self.name, None))
         path = resolve_model_path(spec.pretrained_model_name_or_path, self.name)
         rev, var = spec.revision, spec.variant
         unet = load_component(UNet2DConditionModel, path, "unet", rev, var, FLAG)
@@ -38,12 +48,26 @@ class SDXLFamily(ModelFamily):
         te2 = load_component(CLIPTextModelWithProjection, path, "text_encoder_2", rev, var, FLAG)
         tok1 = load_component(CLIPTokenizer, path, "tokenizer", rev, None, FLAG)
         tok2 = load_component(CLIPTokenizer, path, "tokenizer_2", rev, None, FLAG)
-        for module in (unet, vae, te1, te2):
-            module.requires_grad_(False)
         sched = load_scheduler_config(path, rev, FLAG)
-        return FamilyModels(
-            unet, make_student(unet), vae, [te1, te2], [tok1, tok2], sched, path, spec.resolution
-        )
+        return self.models_of(spec, (unet, vae, [te1, te2], [tok1, tok2], sched, path))
+
+    def random_models(self, spec: FamilySpec, configs: ComponentConfigs) -> FamilyModels:
+        with random_weights():
+            unet = UNet2DConditionModel.from_config(configs.read("unet"))
+            vae = AutoencoderKL.from_config(configs.read("vae"))
+            te1 = random_text_encoder(CLIPTextModel, configs.read("text_encoder"))
+            te2 = random_text_encoder(CLIPTextModelWithProjection, configs.read("text_encoder_2"))
+        tokenizers = [tiny_tokenizer(), tiny_tokenizer()]
+        parts = (unet, vae, [te1, te2], tokenizers, configs.read("scheduler"), configs.base_model)
+        return self.models_of(spec, parts)
+
+    def models_of(self, spec: FamilySpec, parts: tuple) -> FamilyModels:
+        """FamilyModels of the (unet, vae, text_encoders, tokenizers, scheduler_config, source) of a load."""
+        unet, vae, text_encoders, tokenizers, sched, source = parts
+        for module in (unet, vae, *text_encoders):
+            module.requires_grad_(False)
+        student = self.student_of(unet, spec.student_trainable)
+        return FamilyModels(unet, student, vae, text_encoders, tokenizers, sched, source, spec.resolution)
 
     @staticmethod
     def time_ids(resolution: int, batch: int, device) -> torch.Tensor:

@@ -16,11 +16,19 @@ from perflow_video.families.base import (
     encode_clip_prompts,
     encode_pixels_to_latents,
     is_single_file,
-    make_student,
 )
-from perflow_video.families.loading import load_component, load_scheduler_config, resolve_model_path
+from perflow_video.families.loading import (
+    ComponentConfigs,
+    load_component,
+    load_scheduler_config,
+    random_text_encoder,
+    random_weights,
+    resolve_model_path,
+    shipped_configs,
+)
 from perflow_video.family_names import FamilyName
 from perflow_video.method.teacher_solver import Conditioning
+from perflow_video.tiny.tiny_models import tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 FLAG = "model.pretrained_model_name_or_path"
@@ -79,6 +87,15 @@ def load_sd_parts(spec: FamilySpec, family: str) -> tuple:
     return unet, vae, text_encoder, tokenizer, load_scheduler_config(path, spec.revision, FLAG), path
 
 
+def random_sd_parts(configs: ComponentConfigs) -> tuple:
+    """What :func:`load_sd_parts` returns, with random weights from ``configs`` and the tiny tokenizer."""
+    with random_weights():
+        unet = UNet2DConditionModel.from_config(configs.read("unet"))
+        vae = AutoencoderKL.from_config(configs.read("vae"))
+        text_encoder = random_text_encoder(CLIPTextModel, configs.read("text_encoder"))
+    return unet, vae, text_encoder, tiny_tokenizer(), configs.read("scheduler"), configs.base_model
+
+
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x text-to-image UNets."""
 
@@ -91,11 +108,21 @@ class StableDiffusionFamily(ModelFamily):
         self.default_resolution = default_resolution
 
     def load(self, spec: FamilySpec) -> FamilyModels:
-        unet, vae, text_encoder, tokenizer, sched_cfg, source = load_sd_parts(spec, self.name)
+        if spec.init == "random":
+            return self.random_models(spec, shipped_configs(self.name, None))
+        return self.models_of(spec, load_sd_parts(spec, self.name))
+
+    def random_models(self, spec: FamilySpec, configs: ComponentConfigs) -> FamilyModels:
+        return self.models_of(spec, random_sd_parts(configs))
+
+    def models_of(self, spec: FamilySpec, parts: tuple) -> FamilyModels:
+        """FamilyModels of the (unet, vae, text_encoder, tokenizer, scheduler_config, source) of a load."""
+        unet, vae, text_encoder, tokenizer, sched_cfg, source = parts
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
+        student = self.student_of(unet, spec.student_trainable)
         return FamilyModels(
-            unet, make_student(unet), vae, [text_encoder], [tokenizer], sched_cfg, source, spec.resolution
+            unet, student, vae, [text_encoder], [tokenizer], sched_cfg, source, spec.resolution
         )
 
     def encode_text(self, models, prompts, device) -> Conditioning:

@@ -24,6 +24,7 @@ from perflow_video.training.train_config import TrainConfig, load_train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
+FSDP_CONFIG = CONFIG_DIR / "accelerate" / "fsdp.yaml"  # the FSDP setup the memory plan describes
 IMAGE_FAMILIES = [name for name, family in ADAPTERS.items() if family.data_kind == "images"]
 
 
@@ -56,8 +57,9 @@ def build_parser(description: str, with_model: bool) -> argparse.ArgumentParser:
         help="'latest' (newest complete checkpoint in output_dir) or a checkpoint folder",
     )
     parser.add_argument(
-        "--dry-run", dest="dry_run", action="store_true", help="print the resolved config and exit"
-    )
+        "--dry-run", dest="dry_run", action="store_true",
+        help="print the resolved config and its memory plan (weights, optimizer, activations; no weights load), and exit",
+    )  # fmt: skip
     parser.add_argument(
         "--help-config", dest="help_config", action="store_true",
         help="list every config field (section.key = the value this command would use  # meaning) and exit",
@@ -101,6 +103,7 @@ def _run(args: argparse.Namespace, config_path: Path, families: tuple[str, ...])
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         print(f"# differs from the defaults: {diff_from_defaults(cfg)}", file=sys.stderr)
+        print(planned_memory(cfg))
         return 0
     check_before_loading(cfg)
     from perflow_video.training.trainer import train  # heavy imports only when training
@@ -109,6 +112,24 @@ def _run(args: argparse.Namespace, config_path: Path, families: tuple[str, ...])
     if os.environ.get("RANK", "0") == "0":  # once, not once per data-parallel process
         print_summary(Path(out))
     return 0
+
+
+def fsdp_processes(path: Path = FSDP_CONFIG) -> int:
+    """The process count of the shipped FSDP accelerate config (8 when it is not there)."""
+    try:
+        return int(yaml.safe_load(path.read_text())["num_processes"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 8
+
+
+def planned_memory(cfg: TrainConfig) -> str:
+    """The memory plan of ``cfg`` as ``#`` comment lines (``training.memory_plan``), built on the meta device."""
+    from perflow_video.training.memory_plan import format_plan, memory_plan  # builds models: heavy imports
+
+    try:
+        return format_plan(memory_plan(cfg, fsdp_processes()), cfg)
+    except (OSError, ValueError) as err:
+        return f"# memory plan unavailable: {type(err).__name__}: {err}"
 
 
 def _shown(path: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from perflow_video.families import FamilyModels
 from perflow_video.training.train_config import TrainConfig
 
 # The torch dtype of every FrozenDtype value but "auto" (a test checks the two lists agree).
@@ -35,3 +36,27 @@ def frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:
     if cfg.optim.frozen_dtype != "auto":
         return DTYPES[cfg.optim.frozen_dtype]
     return DTYPES.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen_models(models: FamilyModels, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move the frozen models (teacher, VAE, text encoders) to ``device`` in ``dtype``, in eval mode.
+
+    The teacher tensors the student shares (its frozen weights: the very same Parameter objects) move with
+    the teacher but keep their dtype: they are the student's weights too, and the student stays in full
+    precision (autocast runs them in the mixed-precision dtype). Everything else is cast, as before.
+    """
+    teacher = models.teacher
+    shared = {
+        id(p) for p in models.student.parameters()
+    }  # the teacher's params among them are the shared ones
+    for module in models.frozen_modules():
+        if module is not teacher:
+            module.to(device=device, dtype=dtype).eval()
+    teacher.to(device=device).eval()
+    for param in teacher.parameters():
+        if id(param) not in shared and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    for module in teacher.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))

@@ -88,7 +88,9 @@ def check_weights(model: ModelConfig) -> None:
 
 
 def check_before_loading(cfg: TrainConfig) -> None:
-    """All of the above; raises the first problem (PathNotFoundError / WeightsNotFoundError)."""
+    """All of the above; raises the first problem (PathNotFoundError / WeightsNotFoundError). A
+    ``model.init=random`` run reads no weights (the architecture configs ship with the package)."""
     check_data(cfg.data)
     check_resume(cfg)
-    check_weights(cfg.model)
+    if cfg.model.init == "pretrained":
+        check_weights(cfg.model)

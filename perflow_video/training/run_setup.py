@@ -11,19 +11,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.data import Dataset
 
 from perflow_video.errors import ConfigError
 from perflow_video.families import FamilyModels, FamilySpec, ModelFamily
 from perflow_video.families.attention import configure_attention
+from perflow_video.families.base import shared_with_teacher
 from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
 from perflow_video.method.reflow_evaluation import FixedReflowDraws, fixed_draws
 from perflow_video.method.teacher_solver import Conditioning
 from perflow_video.training import checkpointing
 from perflow_video.training.config_io import save_yaml_config, to_dict
-from perflow_video.training.frozen_models import FrozenModel, frozen_dtype
+from perflow_video.training.frozen_models import FrozenModel, frozen_dtype, place_frozen_models
 from perflow_video.training.latent_cache import CachedLatentDataset, build_latent_cache, mark_complete
 from perflow_video.training.metrics_log import METRICS_FILE, truncate_metrics
 from perflow_video.training.run_state import Data, Models, Optimization, Run
@@ -71,19 +72,25 @@ def start_run_folder(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> N
         checkpointing.clean_temporaries(out)
 
 
-def family_spec(cfg: TrainConfig) -> FamilySpec:
-    """What the family loads, from the model config."""
+def family_spec(cfg: TrainConfig, share_frozen: bool = True) -> FamilySpec:
+    """What the family loads, from the model config. ``share_frozen``: the student shares the teacher's frozen
+    weights (not under FSDP, which flattens the student's parameters into its own sharded buffers)."""
     m = cfg.model
     return FamilySpec(
         m.pretrained_model_name_or_path, m.motion_adapter, m.single_file_config, m.revision, m.variant,
-        m.resolution, m.num_frames, m.motion_adapter_config,
+        m.resolution, m.num_frames, m.motion_adapter_config, m.init, m.trainable if share_frozen else None,
     )  # fmt: skip
+
+
+def shares_frozen_weights(accelerator: Accelerator) -> bool:
+    """Whether this run's student may share the teacher's frozen weights (every setup but FSDP)."""
+    return accelerator.distributed_type != DistributedType.FSDP
 
 
 def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator) -> Models:
     """Teacher and student (trainable weights chosen, attention set), frozen models moved to the device."""
     with accelerator.main_process_first():  # one process builds/downloads, the others then read it
-        models = family.load(family_spec(cfg))
+        models = family.load(family_spec(cfg, shares_frozen_weights(accelerator)))
     teacher_prediction = models.scheduler_config.get("prediction_type", "epsilon")
     if cfg.reflow.teacher_prediction_type != teacher_prediction:
         logger.info(
@@ -102,16 +109,24 @@ def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator)
     if cfg.model.gradient_checkpointing:
         models.student.enable_gradient_checkpointing()
     dtype = frozen_dtype(cfg, accelerator)
-    for module in models.frozen_modules():
-        module.to(device=accelerator.device, dtype=dtype).eval()
+    place_frozen_models(models, accelerator.device, dtype)
     logger.info(
         "family=%s teacher=%s (%s) parameterization=%s K=%d M=%d w=%.2f attention=%s trainable=%s (%d tensors, %.2fM params)",
         family.name, models.base_model, teacher_prediction, reflow.parameterization, reflow.num_time_windows,
         reflow.solver_steps, reflow.guidance_scale, attention, cfg.model.trainable, len(trainable_names),
         sum(p.numel() for p in models.student.parameters() if p.requires_grad) / 1e6,
     )  # fmt: skip
+    log_sharing(models)
     abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
     return Models(models, FrozenModel(models.teacher, dtype), reflow, abar, initial_weights)
+
+
+def log_sharing(models: FamilyModels) -> None:
+    """How much of the student is the teacher's own tensors (one copy in memory)."""
+    shared = shared_with_teacher(models.student)
+    params = dict(models.student.named_parameters())
+    numel = sum(params[n].numel() for n in shared)
+    logger.info("student shares %d frozen tensors (%.2fM params) with the teacher", len(shared), numel / 1e6)
 
 
 def load_data(

@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 from pydantic import with_config
 
 from perflow_video.datasets.video_clips import ShortClipPolicy
-from perflow_video.families import Trainable, get_family
+from perflow_video.families import ModelInit, Trainable, get_family
 from perflow_video.families.attention import AttentionBackend, xformers_available
+from perflow_video.families.loading import motion_adapter_architecture
 from perflow_video.family_names import FAMILY_NAMES, FamilyName
 from perflow_video.media.video_decode import DecoderBackend, decord_available
 from perflow_video.media.video_export import ClipFormat
@@ -60,6 +61,10 @@ class ModelConfig:
         str | None,
         "MotionAdapter folder / hub id whose config fits an original motion-module file (null: v1-5-2)",
     ] = None
+    init: Annotated[
+        ModelInit,
+        "pretrained: load the weights; random: the family's real architecture (perflow_video/architectures) with random weights, offline",
+    ] = "pretrained"
     revision: Annotated[str | None, "hub revision of the base model"] = None
     variant: Annotated[str | None, 'weight variant on the hub, e.g. "fp16"'] = None
     trainable: Annotated[Trainable, "which student weights train (motion / spatial: animatediff only)"] = (
@@ -75,6 +80,7 @@ class ModelConfig:
     def __post_init__(self):
         check_trainable(self.family, self.trainable)
         check_attention(self.attention)
+        check_random_architecture(self.init, self.family, self.motion_adapter)
         check_at_least("num_frames", self.num_frames, 1)
         if self.resolution < 8 or self.resolution % 8:
             raise ValueError(
@@ -221,6 +227,12 @@ def check_trainable(family: str, trainable: str) -> None:
     if trainable not in choices:
         listed = " | ".join(repr(c) for c in choices)
         raise ValueError(f"trainable={trainable!r} does not fit family {family!r}; choose {listed}")
+
+
+def check_random_architecture(init: str, family: str, motion_adapter: str | None) -> None:
+    """``init=random`` on animatediff: ``motion_adapter`` names the adapter version to build (or is null)."""
+    if init == "random" and get_family(family).data_kind == "clips":
+        motion_adapter_architecture(motion_adapter)  # ValueError naming the versions
 
 
 def check_attention(attention: str) -> None:
