@@ -100,3 +100,18 @@ def test_lora_delta_at_full_rank_is_the_delta_on_its_keys_and_samples_approach_t
     cond = _expand(torch.randn(2, 77, 32, generator=gen))
     d = sample_distance(unet, delta, [1, 4096], perflow_scheduler_for(config, "ddim_eps", 4), noise, cond)
     assert d["4096"] < d["1"] < d["0"] * 1.5 and d["4096"] < 0.5 * d["0"]
+
+
+def test_lora_delta_of_a_motion_only_delta_is_its_motion_lora():
+    from perflow_video.evaluation.lora_fidelity import lora_delta
+
+    unet, _, _ = _setup()
+    gen = torch.Generator().manual_seed(5)
+    delta = {
+        k: torch.randn(p.shape, generator=gen) for k, p in unet.named_parameters() if "motion_modules" in k
+    }
+    lora = lora_delta(delta, rank=2)
+    assert lora and all(
+        "motion_modules" in k and k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
+        for k in lora
+    )

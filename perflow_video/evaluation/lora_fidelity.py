@@ -24,7 +24,8 @@ def lora_delta(delta: Mapping[str, Tensor], rank: int) -> dict[str, Tensor]:
     """The ΔW that the rank-``rank`` LoRA files carry: spatial weights and motion attention projections
     as truncated SVDs; every other key (biases, norms, motion feed-forward) is dropped, as in the files."""
     out: dict[str, Tensor] = {}
-    for key in lora_target_keys(delta):
+    spatial = [k for k in delta if not is_motion_key(k)]
+    for key in lora_target_keys(delta) if spatial else []:
         f = factorize(delta[key], rank=rank)
         if f.rank:
             out[key] = (f.up.flatten(1) @ f.down.flatten(1)).reshape(delta[key].shape)
