@@ -29,3 +29,13 @@ def offline_tiny_env(root) -> Iterator[dict[str, str]]:
             yield {**os.environ, **values}
     finally:
         torch.set_num_threads(threads)
+
+
+def user_error(capsys, *needles: str) -> str:
+    """The one ``error: ...`` line a CLI printed on stderr (no traceback), containing every needle."""
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

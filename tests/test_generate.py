@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import offline_tiny_env
+from conftest import offline_tiny_env, user_error
 from PIL import Image, ImageSequence
 
 from perflow_video.errors import ConfigError, PathNotFoundError
@@ -131,15 +131,6 @@ def test_prompts_file_rules(tmp_path):
     with pytest.raises(PathNotFoundError, match="missing.txt"):
         read_prompts(tmp_path / "missing.txt")
     assert slug("A cat, on the moon!") == "A_cat_on_the_moon" and slug("!!") == "empty"
-
-
-def user_error(capsys, *needles: str) -> str:
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_user_errors_in_process(run_dir, tmp_path, capsys):

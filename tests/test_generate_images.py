@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import offline_tiny_env
+from conftest import offline_tiny_env, user_error
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
@@ -78,15 +78,6 @@ def png(path: Path) -> np.ndarray:
 
 def evaluations(out: str) -> list[int]:
     return [int(line.split("(")[1].split()[0]) for line in out.splitlines() if line.startswith("wrote ")]
-
-
-def user_error(capsys, *needles: str) -> str:
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_png_file_at_the_runs_resolution(run_dir, family, tmp_path, capsys):

@@ -20,7 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import offline_tiny_env
+from conftest import offline_tiny_env, user_error
 from diffusers import AnimateDiffVideoToVideoPipeline
 from diffusers.models.attention import FreeNoiseTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -73,15 +73,6 @@ def run(*args: str) -> int:
 def mp4_frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def user_error(capsys, *needles: str) -> str:
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------
