@@ -56,6 +56,7 @@ from perflow_video.tiny.teacher_models import (  # noqa: E402
     split_unet_motion,
     teacher_scheduler,
     teacher_text_encoder,
+    teacher_unet,
     teacher_unet_motion,
     teacher_vae,
 )
@@ -172,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1e-3,
         help="text encoder learning rate; 0 freezes the (random) text encoder [%(default)s]",
+    )
+    a(
+        "--image-batch",
+        type=int,
+        default=0,
+        help="also train the spatial UNet on N single frames per step, each from its own clip and caption "
+        "(the 2D UNet shares the video UNet's weights; AnimateDiff's spatial UNet is an image model). "
+        "A clip batch has one caption per 16 frames, an image batch one per frame, so caption binding "
+        "gets 16x the examples at the same cost. 0 = video batches only [%(default)s]",
+    )
+    a(
+        "--image-start-step",
+        type=int,
+        default=0,
+        help="first step that adds the image batch (the long run added it to a video-only run) [%(default)s]",
+    )
+    a(
+        "--t-sampling",
+        choices=("uniform", "high"),
+        default="uniform",
+        help="timestep distribution of the epsilon loss: uniform, or high = density rising linearly with t "
+        "(75%% of draws above t = 500, where the caption decides colour, shape and path; the optimum per "
+        "t is unchanged, only its weight) [%(default)s]",
+    )
+    a(
+        "--t-sampling-start-step",
+        type=int,
+        default=0,
+        help="first step that uses --t-sampling (earlier steps: uniform) [%(default)s]",
     )
     a("--warmup", type=int, default=300, help="linear warm-up steps [%(default)s]")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay [%(default)s]")
@@ -596,6 +626,43 @@ def export_final(out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: 
     shutil.rmtree(staging)
 
 
+def tied_image_unet(unet_motion, arch: TeacherArch):
+    """The ``UNet2DConditionModel`` whose parameters *are* the video UNet's spatial ones (same objects)."""
+    unet2d = teacher_unet(arch)
+    for name, _ in list(unet2d.named_parameters()):
+        module_name, _, leaf = name.rpartition(".")
+        setattr(unet2d.get_submodule(module_name), leaf, unet_motion.get_parameter(name))
+    return unet2d
+
+
+def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``n`` training timesteps: uniform, or ``high`` (density proportional to t + 1/2: t = floor(T sqrt(u)))."""
+    if kind == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    u = torch.rand(n, generator=gen)
+    return (num_train_timesteps * u.sqrt()).floor().long().clamp(max=num_train_timesteps - 1)
+
+
+def t_kind(args, step: int) -> str:
+    return args.t_sampling if step >= args.t_sampling_start_step else "uniform"
+
+
+def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alphas) -> torch.Tensor:
+    """Epsilon loss of the spatial UNet on ``--image-batch`` frames, one random frame of each clip."""
+    n = args.image_batch
+    gen = _gen(args.seed, 0x1AA6E, step)
+    clips, captions = world.batch(step * n, n)
+    idx = torch.randint(0, clips.shape[2], (n,), generator=gen)
+    frames = clips[torch.arange(n), :, idx]  # (n, 3, H, W)
+    with torch.no_grad():
+        z0 = vae.encode(frames).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=gen)
+    t = draw_timesteps(n, gen, t_kind(args, step), len(alphas))
+    a = alphas[t].view(-1, 1, 1, 1)
+    pred = unet2d(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text(captions)).sample
+    return F.mse_loss(pred, noise)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -659,6 +726,8 @@ def train_teacher(
         flush=True,
     )
     world = ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt)
+    image_world = ShapeWorld("train", seed=args.seed + 0x1AA6E, config=cfg, drop_prompt=args.drop_prompt)
+    unet2d = tied_image_unet(unet, arch) if args.image_batch > 0 else None
     sched = teacher_scheduler()
     alphas = sched.alphas_cumprod
     text = Text(encoder)
@@ -666,6 +735,7 @@ def train_teacher(
     unet.train()
     encoder.train(train_text)
     t_start, last_ckpt, losses, t_log = time.time(), time.time(), [], time.time()
+    image_losses: list[float] = []
     bar = tqdm(total=args.steps, initial=step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60)
     while step < args.steps:
         if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
@@ -676,14 +746,19 @@ def train_teacher(
         clips, captions = world.batch(step * args.batch_size, args.batch_size)
         z0 = encode_clips(vae, clips, gen)
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        t = draw_timesteps(args.batch_size, gen, t_kind(args, step), sched.config.num_train_timesteps)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
         pred = unet(zt, t, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(pred, noise)
+        total = loss
+        if unet2d is not None and step >= args.image_start_step:
+            img_loss = image_loss(unet2d, vae, text, image_world, step, args, alphas)
+            image_losses.append(img_loss.item())
+            total = loss + img_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))  # warm EMA: early snapshots are not the init
@@ -703,6 +778,9 @@ def train_teacher(
                 "sec_per_step": (now - t_log) / len(losses),
                 "time": now,
             }
+            if image_losses:
+                rec["image_loss"] = float(np.mean(image_losses))
+                image_losses = []
             _append_jsonl(metrics, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             losses, t_log = [], now
