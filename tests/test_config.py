@@ -66,7 +66,7 @@ def test_trainable_must_fit_the_family():
     assert build("model.family=animatediff", "model.trainable=spatial").model.trainable == "spatial"
     for name in ("sd15", "sd21", "sdxl"):
         assert error(f"model.family={name}", "model.trainable=motion") == (
-            f"model: trainable='motion' does not fit family '{name}'; choose 'all'"
+            f"model: trainable='motion' does not fit family '{name}'; choose 'all' | 'lora'"
         )
 
 
@@ -138,7 +138,8 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
         for name, values in field_choices(type(getattr(cfg, s.name))).items()
     }
     expected = {
-        "model.family", "model.trainable", "model.init", "model.attention", "data.short_clip_policy", "data.backend",
+        "model.family", "model.trainable", "model.lora_targets", "model.init", "model.attention",
+        "data.short_clip_policy", "data.backend", "optim.optimizer",
         "optim.lr_scheduler", "optim.mixed_precision", "optim.frozen_dtype", "run.sample_format",
         "run.report_to", "reflow.parameterization", "reflow.loss_weighting", "reflow.teacher_prediction_type",
     }  # fmt: skip
@@ -151,6 +152,9 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
     assert choices["reflow.loss_weighting"] == LOSS_WEIGHTINGS
     offered = {choice for name in FAMILY_NAMES for choice in get_family(name).trainable_choices}
     assert set(choices["model.trainable"]) == offered
+    targets = {choice for name in FAMILY_NAMES for choice in get_family(name).lora_target_choices}
+    assert set(choices["model.lora_targets"]) == targets
+    assert choices["optim.optimizer"] == ("adamw", "adamw8bit")
     assert choices["data.backend"] == BACKENDS
     assert choices["reflow.teacher_prediction_type"] == TEACHER_PREDICTION_TYPES
     assert choices["run.sample_format"] == CLIP_FORMATS

@@ -42,20 +42,22 @@ def test_one_adapter_per_family_name_with_its_trainable_choices():
         assert family.default_trainable in family.trainable_choices and family.delta_layout in LAYOUTS
     video = get_family("animatediff")
     assert (video.default_trainable, video.trainable_choices, video.data_kind) == (
-        "motion", ("motion", "spatial", "all"), "clips",
+        "motion", ("motion", "spatial", "all", "lora"), "clips",
     )  # fmt: skip
     for name in ("sd15", "sd21", "sdxl"):
         image = get_family(name)
         assert (image.default_trainable, image.trainable_choices, image.data_kind) == (
             "all",
-            ("all",),
+            ("all", "lora"),
             "images",
         )
 
 
 def test_an_image_family_refuses_motion_training_and_names_its_choices():
     unet = tiny_unet("sd15")
-    with pytest.raises(ValueError, match=r"model.trainable='motion' for sd15; choose one of \('all',\)"):
+    with pytest.raises(
+        ValueError, match=r"model.trainable='motion' for sd15; choose one of \('all', 'lora'\)"
+    ):
         get_family("sd15").set_trainable(unet, "motion")
     names = get_family("sd15").set_trainable(unet, "all")
     assert names == [n for n, _ in unet.named_parameters()]
@@ -113,7 +115,9 @@ def test_animatediff_family_trainable_selection_and_per_frame_conditioning(tiny_
     z0 = family.encode_pixels(models, torch.rand(2, 4, 3, 64, 64) * 2 - 1)
     assert z0.shape == (2, 4, 4, 8, 8)  # (B, C, F, H/8, W/8)
     with pytest.raises(ValueError, match="trainable"):
-        family.set_trainable(models.student, "lora")
+        family.set_trainable(models.student, "everything")
+    with pytest.raises(ValueError, match="model.trainable='lora' trains nothing in this student"):
+        family.set_trainable(models.student, "lora")  # a student built without adapters
 
 
 def test_sdxl_conditioning_has_pooled_embeds_time_ids_and_zero_empty_prompt(tmp_path):

@@ -135,7 +135,9 @@ class AnimateDiffFamily(ModelFamily):
     default_parameterization = "ddim_eps"
     default_resolution = 384
     default_trainable = "motion"  # the SD1.5 weights stay those of the base model users pair it with
-    trainable_choices = ("motion", "spatial", "all")
+    trainable_choices = ("motion", "spatial", "all", "lora")
+    lora_target_choices = ("motion", "spatial", "both")
+    default_lora_targets = "motion"  # as trainable: ΔW then plugs into any SD1.5 checkpoint
     data_kind = "clips"
     delta_layout = "diffusers_unet_motion"
 
@@ -161,14 +163,15 @@ class AnimateDiffFamily(ModelFamily):
         for module in (teacher, vae, text_encoder):
             module.requires_grad_(False)
         return FamilyModels(
-            teacher, self.student_of(teacher, spec.student_trainable), vae, [text_encoder], [tokenizer],
+            teacher, self.student_of(teacher, spec), vae, [text_encoder], [tokenizer],
             with_motion_module_betas(sched_cfg), source, spec.resolution, num_frames=spec.num_frames,
             motion_adapter=adapter_source,
         )  # fmt: skip
 
-    def trains(self, parameter_name: str, trainable: str) -> bool:
-        is_motion = "motion_modules" in parameter_name
-        return trainable == "all" or (trainable == "motion") == is_motion
+    def in_part(self, name: str, part: str) -> bool:
+        if part in ("all", "both"):
+            return True
+        return (part == "motion") == ("motion_modules" in name)
 
     def encode_text(self, models, prompts, device) -> Conditioning:
         return Conditioning(

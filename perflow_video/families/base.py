@@ -23,9 +23,14 @@ from perflow_video.errors import WeightsNotFoundError
 from perflow_video.family_names import FamilyName
 from perflow_video.method.teacher_solver import Conditioning
 from perflow_video.weights.delta_weights import DeltaMetadata
+from perflow_video.weights.lora_adapter import add_lora, attention_projections, is_adapter_parameter
 
-#: ``model.trainable``: which student weights train (``motion`` / ``spatial`` only where there are motion modules).
-Trainable = Literal["motion", "spatial", "all"]
+#: ``model.trainable``: which student weights train (``motion`` / ``spatial`` only where there are motion modules;
+#: ``lora``: LoRA adapters on the teacher network itself, which with them disabled is the teacher).
+Trainable = Literal["motion", "spatial", "all", "lora"]
+#: ``model.lora_targets``: the attention projections a LoRA adapts (``motion`` / ``both`` where there are motion
+#: modules; ``spatial``: those of the image UNet, ``to_q`` / ``to_k`` / ``to_v`` / ``to_out.0``).
+LoraTargets = Literal["motion", "spatial", "both"]
 #: ``model.init``: load the weights, or build the real architecture (``perflow_video/architectures``) with random
 #: weights, offline (benchmarks, memory plans, smoke tests on the real shapes).
 ModelInit = Literal["pretrained", "random"]
@@ -43,7 +48,8 @@ class FamilyModels:
     """Everything a family loaded. Teacher, VAE and text encoders are frozen.
 
     Attributes:
-        teacher / student: UNet-like modules; the student starts as a copy of the teacher.
+        teacher / student: UNet-like modules; the student starts as a copy of the teacher (a LoRA student
+            is the teacher module itself with adapters, which the teacher's calls disable).
         vae: AutoencoderKL.
         text_encoders / tokenizers: one (SD) or two (SDXL) each.
         scheduler_config: the teacher's noise-scheduler config (betas, prediction_type).
@@ -72,6 +78,15 @@ class FamilyModels:
         return self.base_model + (f" + {self.motion_adapter}" if self.motion_adapter else "")
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of a LoRA student (``model.lora_rank`` / ``lora_alpha`` / ``lora_targets``)."""
+
+    rank: int  # r
+    alpha: float  # the scale is alpha / r
+    targets: LoraTargets
+
+
 @dataclass
 class FamilySpec:
     """What a family needs from the model config (a subset of the trainer's ModelConfig)."""
@@ -88,6 +103,7 @@ class FamilySpec:
     # What the student will train: its other weights are the teacher's own Parameter objects (one copy in
     # memory). None: the student is a full, independent copy (what callers that retrain it freely want).
     student_trainable: Trainable | None = None
+    lora: LoraSpec | None = None  # the adapters when student_trainable is "lora"
 
 
 def is_single_file(path: str | None) -> bool:
@@ -168,6 +184,8 @@ class ModelFamily(ABC):
     default_resolution: int  # pixels, square
     default_trainable: Trainable  # model.trainable when the config says nothing
     trainable_choices: tuple[Trainable, ...]  # the values model.trainable may take for this family
+    lora_target_choices: tuple[LoraTargets, ...] = ("spatial",)  # model.lora_targets' values here
+    default_lora_targets: LoraTargets = "spatial"
     data_kind: DataKind = "images"
     delta_layout: str = "diffusers_unet"  # key layout of delta_weights.safetensors (delta_weights.LAYOUTS)
 
@@ -186,13 +204,36 @@ class ModelFamily(ABC):
         ``families.loading.ComponentConfigs``) with random weights (seeded: every call builds the same
         weights); on the meta device under ``accelerate.init_empty_weights`` (memory plans)."""
 
-    def student_of(self, teacher: torch.nn.Module, trainable: str | None) -> torch.nn.Module:
-        """The student of ``teacher``: a copy of the weights that train under ``trainable``, sharing the
-        others with the teacher (``trainable=None``: a full copy)."""
+    def student_of(self, teacher: torch.nn.Module, spec: FamilySpec) -> torch.nn.Module:
+        """The student of ``teacher`` for ``spec.student_trainable``: a copy of the weights that train, sharing
+        the others with the teacher (None: a full copy); ``lora``: the teacher itself with adapters."""
+        trainable = spec.student_trainable
         if trainable is None:
             return make_student(teacher)
+        if trainable == "lora":
+            return self.lora_student(teacher, spec.lora)
         frozen = [n for n, _ in teacher.named_parameters() if not self.trains(n, trainable)]
         return make_student(teacher, frozen)
+
+    def lora_student(self, teacher: torch.nn.Module, lora: LoraSpec | None) -> torch.nn.Module:
+        """``teacher`` with LoRA adapters on the projections of ``lora.targets`` (:meth:`lora_modules`): every
+        base weight is shared (it is the same module), only the adapters are its own."""
+        if lora is None:
+            raise ValueError(
+                "FamilySpec.student_trainable='lora' needs FamilySpec.lora (rank, alpha, targets)"
+            )
+        add_lora(teacher, self.lora_modules(teacher, lora.targets), lora.rank, lora.alpha)
+        names = frozenset(n for n, _ in teacher.named_parameters() if not is_adapter_parameter(n))
+        setattr(teacher, SHARED_WITH_TEACHER, names)
+        return teacher
+
+    def lora_modules(self, model: torch.nn.Module, targets: str) -> list[str]:
+        """The attention projections a LoRA on ``targets`` adapts (:meth:`in_part` of them)."""
+        if targets not in self.lora_target_choices:
+            raise ValueError(
+                f"model.lora_targets={targets!r} for {self.name}; choose one of {self.lora_target_choices}"
+            )
+        return attention_projections(model, lambda name: self.in_part(name, targets))
 
     def set_trainable(self, student: torch.nn.Module, trainable: str) -> list[str]:
         """Freeze all but the chosen weights; returns the names of the trainable parameters."""
@@ -207,12 +248,27 @@ class ModelFamily(ABC):
                 f"model.trainable={trainable!r} would train {len(clash)} tensors ({clash[0]}, ...) that this "
                 "student shares with the teacher; build the student for this choice (FamilySpec.student_trainable)"
             )
+        names = [n for n, _ in student.named_parameters() if self.trains(n, trainable)]
+        if not names:  # e.g. lora on a student built without adapters
+            raise ValueError(
+                f"model.trainable={trainable!r} trains nothing in this student; build the student for this "
+                "choice (FamilySpec.student_trainable)"
+            )
+        chosen = set(names)
         for name, param in student.named_parameters():
-            param.requires_grad_(self.trains(name, trainable))
-        return [n for n, p in student.named_parameters() if p.requires_grad]
+            param.requires_grad_(name in chosen)
+        return names
 
     def trains(self, parameter_name: str, trainable: str) -> bool:
-        """Whether the student parameter ``parameter_name`` trains under ``model.trainable`` (images: all)."""
+        """Whether the student parameter ``parameter_name`` trains under ``model.trainable`` (``lora``: the
+        adapters only; else the part of the network it names, :meth:`in_part`)."""
+        if trainable == "lora":
+            return is_adapter_parameter(parameter_name)
+        return self.in_part(parameter_name, trainable)
+
+    def in_part(self, name: str, part: str) -> bool:
+        """Whether the parameter / module ``name`` lies in ``part`` (motion | spatial | all | both) of the
+        network. Image families: the whole UNet is spatial."""
         return True
 
     @abstractmethod

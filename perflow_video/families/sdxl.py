@@ -35,7 +35,7 @@ class SDXLFamily(ModelFamily):
     default_parameterization = "ddim_eps"
     default_resolution = 1024
     default_trainable = "all"
-    trainable_choices = ("all",)  # no motion modules: the whole UNet trains
+    trainable_choices = ("all", "lora")  # no motion modules: the whole UNet, or LoRA on its attention
 
     def load(self, spec: FamilySpec) -> FamilyModels:
         if spec.init == "random":
@@ -66,7 +66,7 @@ class SDXLFamily(ModelFamily):
         unet, vae, text_encoders, tokenizers, sched, source = parts
         for module in (unet, vae, *text_encoders):
             module.requires_grad_(False)
-        student = self.student_of(unet, spec.student_trainable)
+        student = self.student_of(unet, spec)
         return FamilyModels(unet, student, vae, text_encoders, tokenizers, sched, source, spec.resolution)
 
     @staticmethod

@@ -100,7 +100,7 @@ class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x text-to-image UNets."""
 
     default_trainable = "all"
-    trainable_choices = ("all",)  # no motion modules: the whole UNet trains
+    trainable_choices = ("all", "lora")  # no motion modules: the whole UNet, or LoRA on its attention
 
     def __init__(self, name: FamilyName, default_parameterization: str, default_resolution: int):
         self.name = name
@@ -120,7 +120,7 @@ class StableDiffusionFamily(ModelFamily):
         unet, vae, text_encoder, tokenizer, sched_cfg, source = parts
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-        student = self.student_of(unet, spec.student_trainable)
+        student = self.student_of(unet, spec)
         return FamilyModels(
             unet, student, vae, [text_encoder], [tokenizer], sched_cfg, source, spec.resolution
         )

@@ -1,6 +1,6 @@
 """What a finished run leaves in ``--output_dir`` (README "Outputs"):
 
-* ``student/``: the student in diffusers layout (``unet/``; AnimateDiff: ``unet_motion/`` and
+* ``student/``: the student in diffusers layout (a LoRA run's with the adapters merged) (``unet/``; AnimateDiff: ``unet_motion/`` and
   ``motion_adapter/`` on its own),
 * ``scheduler/``: the PeRFlowScheduler config that samples it,
 * ``delta_weights.safetensors``: ΔW = student - teacher for what trained, with metadata, in the family's
@@ -8,6 +8,7 @@
 * what else the family's users load (``ModelFamily.write_extra_outputs``); AnimateDiff with trained
   motion modules, for tools that read the original layout: ``delta_weights_motion_original.safetensors``
   (ΔW) and ``perflow_motion_module.safetensors`` (the full accelerated motion module, pos_encoder included),
+* a LoRA run: the trained adapter, ``perflow_lora_adapter.safetensors`` (``trained_weights``),
 * the ``run.export_formats`` the ΔW has keys for (``weights.delta_export``): LoRAs of rank <= ``run.lora_rank``
   for diffusers / ComfyUI / A1111, exact ``.diff`` patches, motion LoRAs.
 """
@@ -26,7 +27,7 @@ from perflow_video.scheduler import perflow_scheduler_for
 from perflow_video.training.config_io import to_dict
 from perflow_video.training.train_config import TrainConfig
 from perflow_video.weights.delta_export import applicable_formats, export_all
-from perflow_video.weights.delta_weights import DeltaMetadata, compute_delta_weights, save_delta_weights
+from perflow_video.weights.delta_weights import DeltaMetadata, save_delta_weights
 
 
 def delta_metadata(
@@ -48,15 +49,13 @@ def write_final_outputs(
     family: ModelFamily,
     models: FamilyModels,
     student: torch.nn.Module,
-    initial_weights: dict[str, torch.Tensor],
+    delta: dict[str, torch.Tensor],
     reflow: ReflowConfig,
     cfg: TrainConfig,
     out: Path,
 ) -> dict[str, Path]:
-    """Write the student, its scheduler and ΔW (in every layout the family's users load).
-
-    ``initial_weights`` are the trained tensors as loaded from the teacher (fp32): ΔW = student - them.
-    """
+    """Write the student (a plain diffusers model), its scheduler and ``delta`` (ΔW, diffusers keys: what
+    ``trained_weights.*.finish`` gives) in every layout the family's users load."""
     written: dict[str, Path] = {}
     family.save_student(student, str(out / "student"))
     written["student"] = out / "student"
@@ -66,8 +65,6 @@ def write_final_outputs(
     scheduler.save_pretrained(out / "scheduler")
     written["scheduler"] = out / "scheduler"
 
-    student_state = {k: v.float().cpu() for k, v in student.state_dict().items()}
-    delta = compute_delta_weights(student_state, initial_weights, list(initial_weights))
     # layout -> the metadata of a ΔW file in that layout
     metadata_for = partial(delta_metadata, family.name, cfg, reflow, models.delta_base())
     save_delta_weights(delta, out / "delta_weights.safetensors", metadata_for(family.delta_layout))

@@ -7,13 +7,18 @@ from accelerate import Accelerator
 
 from perflow_video.families import FamilyModels
 from perflow_video.training.train_config import TrainConfig
+from perflow_video.weights.lora_adapter import adapters_disabled
 
 # The torch dtype of every FrozenDtype value but "auto" (a test checks the two lists agree).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class FrozenModel(torch.nn.Module):
-    """Runs a frozen half-precision UNet on float32 inputs: casts sample and conditioning in, output out."""
+    """Runs a frozen half-precision UNet on float32 inputs: casts sample and conditioning in, output out.
+
+    The UNet runs with its LoRA adapters disabled (``weights.lora_adapter.adapters_disabled``; a UNet
+    without adapters is unaffected): a LoRA run's teacher is its student network without them.
+    """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
@@ -26,7 +31,8 @@ class FrozenModel(torch.nn.Module):
         }
         if added_cond_kwargs is not None:
             kwargs["added_cond_kwargs"] = {k: cast(v) for k, v in added_cond_kwargs.items()}
-        return self.model(cast(sample), timestep, return_dict=False, **kwargs)[0].float()
+        with adapters_disabled(self.model):
+            return self.model(cast(sample), timestep, return_dict=False, **kwargs)[0].float()
 
 
 def frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:
@@ -41,22 +47,21 @@ def frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:
 def place_frozen_models(models: FamilyModels, device: torch.device | str, dtype: torch.dtype) -> None:
     """Move the frozen models (teacher, VAE, text encoders) to ``device`` in ``dtype``, in eval mode.
 
-    The teacher tensors the student shares (its frozen weights: the very same Parameter objects) move with
-    the teacher but keep their dtype: they are the student's weights too, and the student stays in full
-    precision (autocast runs them in the mixed-precision dtype). Everything else is cast, as before.
+    The teacher tensors the student shares (its frozen weights: the very same Parameter objects; all of them
+    for a LoRA student, which is the teacher module) move with the teacher but keep their dtype: they are
+    the student's weights too, and the student stays in full precision (autocast runs them in the
+    mixed-precision dtype). Everything else is cast, as before.
     """
     teacher = models.teacher
-    shared = {
-        id(p) for p in models.student.parameters()
-    }  # the teacher's params among them are the shared ones
     for module in models.frozen_modules():
         if module is not teacher:
             module.to(device=device, dtype=dtype).eval()
-    teacher.to(device=device).eval()
+    teacher.to(device=device).eval()  # moving buffers replaces them: the student's are known after it
+    shared = {id(t) for t in [*models.student.parameters(), *models.student.buffers()]}
     for param in teacher.parameters():
         if id(param) not in shared and param.is_floating_point():
             param.data = param.data.to(dtype)
     for module in teacher.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None and buffer.is_floating_point():
+            if buffer is not None and buffer.is_floating_point() and id(buffer) not in shared:
                 setattr(module, name, buffer.to(dtype))

@@ -9,7 +9,9 @@ over the unique tensors (shared weights once), in the dtype the run gives each.
 
 The rest is a model, stated with the plan (:data:`ASSUMPTIONS`):
 
-* gradients: one fp32 tensor per trained weight; AdamW: two fp32 moments; EMA: one fp32 copy.
+* gradients: one fp32 tensor per trained weight; AdamW: two fp32 moments (``optim.optimizer=adamw8bit``: two
+  int8 moments for tensors of >= 4096 elements); EMA: one fp32 copy. A LoRA run (``model.trainable=lora``)
+  trains the adapters only, and its student is the teacher network itself: one UNet in the lines above.
 * activations: the bytes autograd saves in one student forward at the clip shape (each storage once,
   weights excluded), measured on the meta device in the autocast dtype, with attention as the memory-efficient
   kernels run it on GPUs (q, k, v, output and logsumexp saved; no N x N scores). With gradient checkpointing:
@@ -20,6 +22,7 @@ The rest is a model, stated with the plan (:data:`ASSUMPTIONS`):
 * FSDP (``configs/accelerate/fsdp.yaml``, SHARD_GRAD_OP): the student's fp32 weights, gradients, AdamW and EMA
   are split over the processes; each holds the unsharded student in the autocast dtype from forward to the
   end of backward and a full teacher in the frozen dtype (FSDP flattens the student: no shared weights).
+  LoRA runs do not use FSDP.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from perflow_video.families.loading import (
     shipped_configs,
 )
 from perflow_video.training.frozen_models import DTYPES, place_frozen_models
+from perflow_video.training.optimizers import optimizer_state_bytes
 from perflow_video.training.run_setup import family_spec
 from perflow_video.training.train_config import ModelConfig, TrainConfig
 
@@ -58,7 +62,7 @@ GB = 1e9
 AUTOCAST_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VAE_ENCODE_CHUNK = inspect.signature(encode_pixels_to_latents).parameters["chunk"].default  # images per call
 ASSUMPTIONS = (
-    "gradients 1 x fp32 and AdamW 2 x fp32 per trained weight, EMA 1 x fp32",
+    "gradients 1 x fp32 and AdamW 2 x fp32 per trained weight (adamw8bit: 2 x int8), EMA 1 x fp32",
     "activations: what autograd saves in one student forward (meta device, autocast dtype, memory-efficient "
     "attention), with gradient checkpointing the blocks' inputs + the largest block; + 2 x largest saved tensor",
     "not counted: CUDA context and allocator slack (~1-2 GB), the teacher's no-grad forwards (smaller than the "
@@ -102,7 +106,8 @@ class MemoryPlan:
 
     @property
     def delta_reference(self) -> int:
-        """The fp32 CPU copy of the trained weights ΔW is taken against (``Models.initial_weights``)."""
+        """The fp32 CPU copy of the trained weights ΔW is taken against (``trained_weights.CopiedWeights``;
+        a LoRA run keeps none, and this is then the adapters' size, an upper bound)."""
         return next(x.bytes for x in self.training if x.name == "gradients")
 
     @property
@@ -208,7 +213,8 @@ def weight_lines(models: FamilyModels) -> list[Line]:
     """Teacher, student, VAE, text encoders: every tensor once (the student's shared ones in its lines)."""
     student, teacher = tensors_of(models.student), tensors_of(models.teacher)
     trained = [t for t in student.values() if isinstance(t, torch.nn.Parameter) and t.requires_grad]
-    shared = [t for k, t in student.items() if k in teacher]
+    trained_ids = {id(t) for t in trained}  # a LoRA student's adapters are in the teacher module too
+    shared = [t for k, t in student.items() if k in teacher and k not in trained_ids]
     own = [t for k, t in student.items() if k not in teacher and not t.requires_grad]
     lines = [
         line("student: trained weights", trained),
@@ -221,14 +227,16 @@ def weight_lines(models: FamilyModels) -> list[Line]:
     return [x for x in lines if x.bytes]
 
 
-def training_lines(trained_numel: int, use_ema: bool) -> list[Line]:
-    """Gradients, AdamW moments and the EMA copy of the trained weights (all fp32)."""
+def training_lines(trained: list[int], use_ema: bool, optimizer: str) -> list[Line]:
+    """Gradients, AdamW moments and the EMA copy of the trained tensors (of ``trained`` elements each)."""
+    numel = sum(trained)
+    moments = "2 x int8 (tensors >= 4096)" if optimizer == "adamw8bit" else "2 x fp32"
     lines = [
-        Line("gradients", 4 * trained_numel, "fp32"),
-        Line("AdamW moments", 8 * trained_numel, "2 x fp32"),
+        Line("gradients", 4 * numel, "fp32"),
+        Line("AdamW moments", optimizer_state_bytes(optimizer, trained), moments),
     ]
     if use_ema:
-        lines.append(Line("EMA copy", 4 * trained_numel, "fp32"))
+        lines.append(Line("EMA copy", 4 * numel, "fp32"))
     return lines
 
 
@@ -330,7 +338,9 @@ def vae_encode_bytes(models: FamilyModels, cfg: TrainConfig) -> int:
 
 
 def fsdp_lines(weights: list[Line], models: FamilyModels, cfg: TrainConfig, processes: int) -> list[Line]:
-    """One FSDP SHARD_GRAD_OP process: see the module docstring."""
+    """One FSDP SHARD_GRAD_OP process: see the module docstring. None for a LoRA run (no FSDP there)."""
+    if cfg.model.trainable == "lora":
+        return []
     student = sum(p.numel() for p in models.student.parameters())
     trained = sum(p.numel() for p in models.student.parameters() if p.requires_grad)
     compute = AUTOCAST_DTYPES[cfg.optim.mixed_precision]
@@ -346,7 +356,7 @@ def fsdp_lines(weights: list[Line], models: FamilyModels, cfg: TrainConfig, proc
         Line("teacher, full copy", student * frozen, str(planned_frozen_dtype(cfg)).removeprefix("torch.")),
         *[x for x in weights if x.name in ("VAE", "text encoders")],
         Line("gradients, sharded", 4 * trained // n, f"fp32 / {n}"),
-        Line("AdamW moments, sharded", 8 * trained // n, f"2 x fp32 / {n}"),
+        Line("AdamW moments, sharded", optimizer_state_bytes(cfg.optim.optimizer, [trained]) // n, f"/ {n}"),
     ]
     if cfg.optim.use_ema:
         lines.append(Line("EMA copy, sharded", 4 * trained // n, f"fp32 / {n}"))
@@ -376,18 +386,28 @@ def plan_of(cfg: TrainConfig, fsdp_processes: int, notes: list[str]) -> MemoryPl
     """:func:`memory_plan`'s work; ``notes`` collects what was counted with the shipped architecture."""
     family, models = meta_models(cfg, share_frozen=True, notes=notes)
     weights = weight_lines(models)
-    trained = sum(p.numel() for p in models.student.parameters() if p.requires_grad)
+    trained = [p.numel() for p in models.student.parameters() if p.requires_grad]
+    training = training_lines(trained, cfg.optim.use_ema, cfg.optim.optimizer)
     fsdp = fsdp_lines(weights, models, cfg, fsdp_processes)
     vae = vae_encode_bytes(models, cfg)
     activations = student_activations(family, models, cfg)
-    return MemoryPlan(
-        weights, training_lines(trained, cfg.optim.use_ema), activations, vae, fsdp, fsdp_processes, notes
-    )
+    return MemoryPlan(weights, training, activations, vae, fsdp, fsdp_processes, notes)
 
 
 def size(n: int) -> str:
     """Bytes as GB (1e9) down to 0.1 GB, else MB."""
     return f"{n / GB:8.2f} GB" if n >= GB / 10 else f"{n / 1e6:8.2f} MB"
+
+
+def fsdp_rows(plan: MemoryPlan) -> list[str]:
+    """The FSDP part of :func:`format_plan` (a LoRA run has none: it runs under DDP)."""
+    if not plan.fsdp:
+        return ["  FSDP: not for model.trainable=lora (DDP: every GPU holds the one-GPU total above)"]
+    return [
+        f"  FSDP SHARD_GRAD_OP, {plan.fsdp_processes} processes (no shared weights):",
+        *[f"    {x.name:<40} {size(x.bytes)}  {x.detail}" for x in plan.fsdp],
+        f"  {'total per FSDP process':<42} {size(plan.per_fsdp_process)}",
+    ]
 
 
 def format_plan(plan: MemoryPlan, cfg: TrainConfig) -> str:
@@ -403,9 +423,7 @@ def format_plan(plan: MemoryPlan, cfg: TrainConfig) -> str:
         f" + recomputed block {size(a.recompute).strip()} + backward working {size(a.working).strip()}",
         f"  {'VAE encode (transient, before the step)':<42} {size(plan.vae_encode)}",
         f"  {'total, one GPU':<42} {size(plan.single)}",
-        f"  FSDP SHARD_GRAD_OP, {plan.fsdp_processes} processes (no shared weights):",
-        *[f"    {x.name:<40} {size(x.bytes)}  {x.detail}" for x in plan.fsdp],
-        f"  {'total per FSDP process':<42} {size(plan.per_fsdp_process)}",
+        *fsdp_rows(plan),
         f"  host RAM besides: the trained weights as loaded (ΔW reference, fp32) {size(plan.delta_reference).strip()}"
         " (on a CPU run, in the same memory)",
         *[f"  assumes: {x}" for x in ASSUMPTIONS],

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+import torch
+
 from perflow_video.errors import ConfigError, PathNotFoundError
 from perflow_video.families import get_family
 from perflow_video.families.animatediff import DEFAULT_MOTION_ADAPTER
@@ -20,6 +22,7 @@ from perflow_video.families.loading import (
     check_weights_present,
 )
 from perflow_video.training.checkpointing import resolve_resume
+from perflow_video.training.optimizers import check_optimizer_device
 from perflow_video.training.train_config import DataConfig, ModelConfig, TrainConfig
 
 
@@ -88,8 +91,10 @@ def check_weights(model: ModelConfig) -> None:
 
 
 def check_before_loading(cfg: TrainConfig) -> None:
-    """All of the above; raises the first problem (PathNotFoundError / WeightsNotFoundError). A
-    ``model.init=random`` run reads no weights (the architecture configs ship with the package)."""
+    """All of the above, and that ``optim.optimizer`` has its device; raises the first problem
+    (PathNotFoundError / WeightsNotFoundError / ConfigError). A ``model.init=random`` run reads no weights
+    (the architecture configs ship with the package)."""
+    check_optimizer_device(cfg.optim.optimizer, torch.cuda.is_available())
     check_data(cfg.data)
     check_resume(cfg)
     if cfg.model.init == "pretrained":

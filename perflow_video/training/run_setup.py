@@ -16,7 +16,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import Dataset
 
 from perflow_video.errors import ConfigError
-from perflow_video.families import FamilyModels, FamilySpec, ModelFamily
+from perflow_video.families import FamilyModels, FamilySpec, LoraSpec, ModelFamily
 from perflow_video.families.attention import configure_attention
 from perflow_video.families.base import shared_with_teacher
 from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
@@ -27,9 +27,11 @@ from perflow_video.training.config_io import save_yaml_config, to_dict
 from perflow_video.training.frozen_models import FrozenModel, frozen_dtype, place_frozen_models
 from perflow_video.training.latent_cache import CachedLatentDataset, build_latent_cache, mark_complete
 from perflow_video.training.metrics_log import METRICS_FILE, truncate_metrics
+from perflow_video.training.optimizers import make_optimizer
 from perflow_video.training.run_state import Data, Models, Optimization, Run
 from perflow_video.training.step import teacher_uncond
 from perflow_video.training.train_config import TrainConfig
+from perflow_video.training.trained_weights import trained_weights_of
 from perflow_video.training.training_data import encode_batch
 
 logger = logging.getLogger("perflow_video")
@@ -76,9 +78,17 @@ def family_spec(cfg: TrainConfig, share_frozen: bool = True) -> FamilySpec:
     """What the family loads, from the model config. ``share_frozen``: the student shares the teacher's frozen
     weights (not under FSDP, which flattens the student's parameters into its own sharded buffers)."""
     m = cfg.model
+    if m.trainable == "lora" and not share_frozen:
+        raise ConfigError(
+            "model.trainable=lora does not run under FSDP (the LoRA student is the teacher network itself, "
+            "which FSDP would shard into the student's buffers): launch it with DDP, e.g. "
+            "configs/accelerate/multi_gpu.yaml, where one network + adapters fits each GPU"
+        )
+    lora = LoraSpec(m.lora_rank, float(m.lora_alpha or m.lora_rank), m.lora_targets)
     return FamilySpec(
         m.pretrained_model_name_or_path, m.motion_adapter, m.single_file_config, m.revision, m.variant,
         m.resolution, m.num_frames, m.motion_adapter_config, m.init, m.trainable if share_frozen else None,
+        lora,
     )  # fmt: skip
 
 
@@ -101,15 +111,13 @@ def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator)
     reflow = replace(cfg.reflow, teacher_prediction_type=teacher_prediction)
     trainable_names = family.set_trainable(models.student, cfg.model.trainable)
     # ΔW is taken against the teacher's weights as loaded (fp32), before the frozen copy goes to half precision.
-    initial_weights = {
-        n: p.detach().float().cpu().clone() for n, p in models.student.named_parameters() if p.requires_grad
-    }
-    models.student.train()
+    trained = trained_weights_of(models.student)
     attention = configure_attention([models.teacher, models.student], cfg.model.attention)
     if cfg.model.gradient_checkpointing:
         models.student.enable_gradient_checkpointing()
     dtype = frozen_dtype(cfg, accelerator)
     place_frozen_models(models, accelerator.device, dtype)
+    models.student.train()  # after the teacher's eval(): a LoRA student is the same module
     logger.info(
         "family=%s teacher=%s (%s) parameterization=%s K=%d M=%d w=%.2f attention=%s trainable=%s (%d tensors, %.2fM params)",
         family.name, models.base_model, teacher_prediction, reflow.parameterization, reflow.num_time_windows,
@@ -118,7 +126,7 @@ def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator)
     )  # fmt: skip
     log_sharing(models)
     abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
-    return Models(models, FrozenModel(models.teacher, dtype), reflow, abar, initial_weights)
+    return Models(models, FrozenModel(models.teacher, dtype), reflow, abar, trained)
 
 
 def log_sharing(models: FamilyModels) -> None:
@@ -206,17 +214,22 @@ def fixed_eval_set(
 def build_optimization(
     cfg: TrainConfig, models: Models, dataset: Dataset, accelerator: Accelerator
 ) -> Optimization:
-    """Shuffled loader, AdamW on the trained weights, LR schedule, all prepared by accelerate; the EMA."""
+    """Shuffled loader, AdamW (``optim.optimizer``) on the trained weights, LR schedule, all prepared by
+    accelerate; the EMA."""
     o = cfg.optim
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=o.train_batch_size, shuffle=True, num_workers=cfg.data.num_workers,
         drop_last=True, generator=torch.Generator().manual_seed(o.seed),
     )  # fmt: skip
     params = [p for p in models.loaded.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.adam_weight_decay,
-        eps=o.adam_epsilon,
-    )  # fmt: skip
+    optimizer = make_optimizer(
+        o.optimizer,
+        params,
+        o.learning_rate,
+        (o.adam_beta1, o.adam_beta2),
+        o.adam_weight_decay,
+        o.adam_epsilon,
+    )
     lr_scheduler = get_scheduler(
         o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=o.max_train_steps * accelerator.num_processes,

@@ -18,6 +18,7 @@ from perflow_video.method.teacher_solver import Conditioning
 from perflow_video.training.checkpointing import TrainerState
 from perflow_video.training.metrics_log import METRICS_FILE
 from perflow_video.training.train_config import TrainConfig
+from perflow_video.training.trained_weights import TrainedWeights
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Models:
     teacher: torch.nn.Module  # the frozen teacher as the window solver calls it (FrozenModel)
     reflow: ReflowConfig  # the recipe, with the teacher's own prediction type
     alphas_cumprod: Tensor  # (N,) the teacher's abar
-    initial_weights: dict[str, Tensor]  # the trained tensors as loaded (fp32, CPU): ΔW = student - them
+    trained: TrainedWeights  # what trains, and how it becomes the final student and ΔW
 
 
 @dataclass

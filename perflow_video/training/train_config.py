@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import with_config
 
 from perflow_video.datasets.video_clips import ShortClipPolicy
-from perflow_video.families import ModelInit, Trainable, get_family
+from perflow_video.families import LoraTargets, ModelInit, Trainable, get_family
 from perflow_video.families.attention import AttentionBackend, xformers_available
 from perflow_video.families.loading import motion_adapter_architecture
 from perflow_video.family_names import FAMILY_NAMES, FamilyName
@@ -28,6 +28,7 @@ from perflow_video.training.config_io import (
     load_yaml_data,
     merge_dicts,
 )
+from perflow_video.training.optimizers import OptimizerName, bitsandbytes_available
 from perflow_video.weights.delta_export import EXTRA_FORMATS, DeltaFormat
 
 # The trainer's own choices (it hands them to accelerate / diffusers as they are).
@@ -67,9 +68,18 @@ class ModelConfig:
     ] = "pretrained"
     revision: Annotated[str | None, "hub revision of the base model"] = None
     variant: Annotated[str | None, 'weight variant on the hub, e.g. "fp16"'] = None
-    trainable: Annotated[Trainable, "which student weights train (motion / spatial: animatediff only)"] = (
-        "motion"
-    )
+    trainable: Annotated[
+        Trainable,
+        "which student weights train (motion / spatial: animatediff only; lora: adapters on the teacher network)",
+    ] = "motion"
+    lora_rank: Annotated[int, "trainable=lora: rank r of the adapters"] = 16
+    lora_alpha: Annotated[
+        float | None, "trainable=lora: alpha, the scale is alpha / r (null: = lora_rank)"
+    ] = None
+    lora_targets: Annotated[
+        LoraTargets,
+        "trainable=lora: attention projections adapted (motion modules / spatial to_q,to_k,to_v,to_out.0 / both)",
+    ] = "motion"
     resolution: Annotated[int, "square training resolution in pixels (latents are resolution / 8)"] = 384
     num_frames: Annotated[int, "frames per clip (animatediff)"] = 16
     attention: Annotated[
@@ -79,6 +89,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_trainable(self.family, self.trainable)
+        check_lora(self.family, self.trainable, self.lora_rank, self.lora_alpha, self.lora_targets)
         check_attention(self.attention)
         check_random_architecture(self.init, self.family, self.motion_adapter)
         check_at_least("num_frames", self.num_frames, 1)
@@ -126,6 +137,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: Annotated[
+        OptimizerName, "adamw (torch) | adamw8bit (bitsandbytes, CUDA: pip install 'perflow-video[bnb]')"
+    ] = "adamw"
     learning_rate: Annotated[
         float, "AdamW peak learning rate (per process batch; not scaled automatically)"
     ] = 1e-5
@@ -156,6 +170,7 @@ class OptimConfig:
         check_at_least("train_batch_size", self.train_batch_size, 1)
         check_at_least("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         check_frozen_dtype(self.frozen_dtype, self.mixed_precision)
+        check_optimizer(self.optimizer)
 
 
 @dataclass
@@ -229,6 +244,28 @@ def check_trainable(family: str, trainable: str) -> None:
         raise ValueError(f"trainable={trainable!r} does not fit family {family!r}; choose {listed}")
 
 
+def check_lora(family: str, trainable: str, rank: int, alpha: float | None, targets: str) -> None:
+    """A LoRA run's rank and alpha are positive and its targets are parts the family has (images: spatial)."""
+    if trainable != "lora":
+        return
+    check_at_least("lora_rank", rank, 1)
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"lora_alpha must be > 0 (or null: = lora_rank), got {alpha}")
+    choices = get_family(family).lora_target_choices
+    if targets not in choices:
+        listed = " | ".join(repr(c) for c in choices)
+        raise ValueError(f"lora_targets={targets!r} does not fit family {family!r}; choose {listed}")
+
+
+def check_optimizer(optimizer: str) -> None:
+    """The 8-bit AdamW needs bitsandbytes importable (whether CUDA is present is checked when the run starts)."""
+    if optimizer == "adamw8bit" and not bitsandbytes_available():
+        raise ValueError(
+            "optimizer='adamw8bit' but bitsandbytes is not installed: pip install 'perflow-video[bnb]' "
+            "(CUDA GPUs) or use optimizer=adamw"
+        )
+
+
 def check_random_architecture(init: str, family: str, motion_adapter: str | None) -> None:
     """``init=random`` on animatediff: ``motion_adapter`` names the adapter version to build (or is null)."""
     if init == "random" and get_family(family).data_kind == "clips":
@@ -262,7 +299,11 @@ def family_defaults(name: str) -> dict:
     resolution and trainable weights, so that ``model.family=sd21`` alone trains ``velocity`` at 768."""
     family = get_family(name)
     return {
-        "model": {"resolution": family.default_resolution, "trainable": family.default_trainable},
+        "model": {
+            "resolution": family.default_resolution,
+            "trainable": family.default_trainable,
+            "lora_targets": family.default_lora_targets,
+        },
         "reflow": {"parameterization": family.default_parameterization},
     }
 

@@ -247,12 +247,12 @@ def finish(run: Run) -> None:
 
 def write_outputs(run: Run, param_checksums: list[float]) -> None:
     """The student, scheduler and ΔW files, the final samples, and last the summary."""
-    final_student = run.accelerator.unwrap_model(run.opt.student)
     if run.opt.ema is not None:
         run.opt.ema.copy_to(run.opt.params)  # export the averaged weights
     m = run.models
-    write_final_outputs(run.family, m.loaded, final_student, m.initial_weights, m.reflow, run.cfg, run.out)
-    write_validation_samples(run, final_student, run.out / "samples" / "final")
+    final = m.trained.finish(run.accelerator.unwrap_model(run.opt.student), run.out)
+    write_final_outputs(run.family, m.loaded, final.student, final.delta, m.reflow, run.cfg, run.out)
+    write_validation_samples(run, final.student, run.out / "samples" / "final")
     summary = {
         "global_step": run.state.global_step,
         "skipped_nonfinite": run.nonfinite_total,
