@@ -107,7 +107,7 @@ def test_benchmark_generate_tiny_default_table(offline_tiny):
         assert 0 < split <= row["seconds"] and row["other_seconds"] >= 0
         assert row["speedup"] == pytest.approx(rows[-1]["seconds"] / row["seconds"])
         assert row["name"] in table
-    assert payload["size"] == {"num_frames": 16, "height": 64, "width": 64}  # the tiny default's clips
+    assert payload["size"] == {"num_frames": 16, "height": 32, "width": 32}  # the tiny default (tiny-teacher)
     assert len(payload["environment"]["load_average_start"]) == 3
 
 

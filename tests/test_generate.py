@@ -21,7 +21,7 @@ from perflow_video.generation.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 NOISE = ("[transformers]",)
-FRAMES, SIZE = 4, 64  # the fixture run's model.num_frames and model.resolution
+FRAMES, SIZE = 4, 32  # the fixture run's model.num_frames and model.resolution (tiny-teacher's 32 px)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(env, tmp_path_factory) -> Path:
-    """A finished training run: 2 steps of the tiny AnimateDiff on 4-frame clips (~10 s)."""
+    """A finished training run: 2 steps of the tiny config (tiny-teacher) on 4-frame clips (~15 s)."""
     out = tmp_path_factory.mktemp("run") / "run"
     cmd = [
         sys.executable, str(REPO / "scripts" / "train_animatediff.py"), "--output_dir", str(out),
@@ -183,7 +183,7 @@ def test_help_explains_every_flag():
 
 
 def test_tiny_default_without_a_run(env, tmp_path, monkeypatch, capsys):
-    """No model flags and no outputs/tiny-animatediff: the untrained tiny teacher, said so."""
+    """No model flags and no outputs/tiny-animatediff: the trained tiny teacher, said so."""
     monkeypatch.chdir(tmp_path)
     args = [
         "--prompt",
@@ -199,16 +199,16 @@ def test_tiny_default_without_a_run(env, tmp_path, monkeypatch, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "untrained tiny teacher" in out and "1 UNet evaluations" in out
-    assert gif_frames(tmp_path / "t.gif").shape == (2, 64, 64, 3)
+    assert "trained tiny teacher (tiny-teacher" in out and "1 UNet evaluations" in out
+    assert gif_frames(tmp_path / "t.gif").shape == (2, 32, 32, 3)
 
 
 def test_base_plus_delta_is_the_run(run_dir, tmp_path, capsys):
-    """--base tiny --delta <run>/delta_weights.safetensors samples the run's student: the same clip."""
+    """--base tiny-teacher --delta <run>/delta_weights.safetensors samples the run's student: the same clip."""
     delta = run_dir / "delta_weights.safetensors"
     from_run, from_delta = tmp_path / "run.gif", tmp_path / "delta.gif"
     assert generate(run_dir, "--prompt", "a green star", "--output", str(from_run)) == 0
-    args = ["--base", "tiny", "--delta", str(delta), "--prompt", "a green star", "--device", "cpu"]
+    args = ["--base", "tiny-teacher", "--delta", str(delta), "--prompt", "a green star", "--device", "cpu"]
     assert main([*args, "--output", str(from_delta)]) == 0
     assert "1 x ΔW" in capsys.readouterr().out
     # teacher + (student - teacher) is the student up to float32 rounding

@@ -32,7 +32,8 @@ from perflow_video.generation.model_source import load_tiny_teacher
 from perflow_video.generation.pipeline_setup import motion_adapter_of, pipeline_for
 from perflow_video.media.video_export import export_video
 
-IN_FRAMES, IN_H, IN_W = 6, 72, 96  # the input clip: not square, not the model's 64 px
+IN_FRAMES, IN_H, IN_W = 6, 72, 96  # the input clip: not square, not the model's size
+SIZE = 32  # the tiny default's frames (the trained tiny-teacher: 32 x 32 px)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def mp4_frames(path: Path) -> np.ndarray:
 )
 def test_video_to_video_on_the_tiny_default_writes_the_clip(workdir, input_clip, capsys, strength, timesteps):
     """Strength keeps the last int(4 x strength) of the 4 steps (default 0.75); the clip has the input's
-    frames at the model's 64 px; one UNet evaluation per kept step."""
+    frames at the model's 32 px; one UNet evaluation per kept step."""
     flags = ["--strength", strength] if strength else []
     out = workdir / "clips"
     assert run("--video", str(input_clip), *flags, "--prompt", "a blue square", "--output", str(out)) == 0
@@ -94,7 +95,7 @@ def test_video_to_video_on_the_tiny_default_writes_the_clip(workdir, input_clip,
     assert f"runs {len(timesteps)} of 4 steps, timesteps {timesteps}" in printed
     assert f"({len(timesteps)} UNet evaluations" in printed
     clip = out / "00_a_blue_square.mp4"
-    assert mp4_frames(clip).shape == (IN_FRAMES, 64, 64, 3)
+    assert mp4_frames(clip).shape == (IN_FRAMES, SIZE, SIZE, 3)
     assert sorted(p.name for p in out.iterdir()) == ["00_a_blue_square.mp4", "clips.json"]  # no temp files
     listed = json.loads((out / "clips.json").read_text())["clips"][0]
     assert listed["video"] == os.fspath(input_clip) and listed["num_frames"] == IN_FRAMES
@@ -104,8 +105,8 @@ def test_video_to_video_on_the_tiny_default_writes_the_clip(workdir, input_clip,
 
 def test_video_to_video_takes_the_first_num_frames_and_depends_on_the_input(workdir, input_clip):
     """--num_frames 4 takes the input's first 4 frames; the same input and seed give the same clip, another
-    input (the clip mirrored) another one (the tiny VAE is untrained, so no closeness to the input is
-    claimed)."""
+    input (the clip mirrored) another one (the input is far from the teacher's world, so no closeness to it
+    is claimed)."""
     mirrored = workdir / "mirrored.mp4"
     export_video(mp4_frames(input_clip)[:, :, ::-1].copy(), mirrored, fps=8)
     args = ["--prompt", "a blue square", "--num_frames", "4", "--strength", "0.5"]
@@ -113,7 +114,7 @@ def test_video_to_video_takes_the_first_num_frames_and_depends_on_the_input(work
     assert run("--video", str(input_clip), *args, "--output", "b.mp4") == 0
     assert run("--video", str(mirrored), *args, "--output", "m.mp4") == 0
     a, b, m = (mp4_frames(workdir / f"{n}.mp4") for n in "abm")
-    assert a.shape == (4, 64, 64, 3)
+    assert a.shape == (4, SIZE, SIZE, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, m)
 
 
@@ -150,7 +151,7 @@ def test_free_noise_long_clip_on_the_tiny_default(workdir, capsys, frames):
     args = ["--num_frames", str(frames), "--context_length", "16", "--context_stride", "8"]
     assert run("--prompt", "waves", *args, "--output", "long.mp4") == 0
     assert "(4 UNet evaluations" in capsys.readouterr().out
-    assert mp4_frames(workdir / "long.mp4").shape == (frames, 64, 64, 3)
+    assert mp4_frames(workdir / "long.mp4").shape == (frames, SIZE, SIZE, 3)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def sample(tiny, request: ClipRequest) -> torch.Tensor:
     """One clip's float frames through :func:`pipeline_for` (4 frames, 2 steps, seed 0)."""
     with pipeline_for(request, tiny) as pipe:
         out = pipe(
-            prompt="a red circle", num_frames=4, height=64, width=64, num_inference_steps=2,
+            prompt="a red circle", num_frames=4, height=SIZE, width=SIZE, num_inference_steps=2,
             guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt",
         )  # fmt: skip
     return out.frames[0]
@@ -237,7 +238,7 @@ def test_sdpa_and_vae_slicing_tiling_give_the_default_clip(tiny, workdir):
         torch.testing.assert_close(frames, plain, rtol=0, atol=1e-5, msg=str(flags))
     args = ["--prompt", "a red circle", "--num_frames", "4", "--steps", "2"]
     assert run(*args, "--attention", "sdpa", "--vae_slicing", "--vae_tiling", "--output", "flags.mp4") == 0
-    assert mp4_frames(workdir / "flags.mp4").shape == (4, 64, 64, 3)
+    assert mp4_frames(workdir / "flags.mp4").shape == (4, SIZE, SIZE, 3)
 
 
 @pytest.mark.skipif(xformers_available() and torch.cuda.is_available(), reason="xformers can run here")

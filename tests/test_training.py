@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
 from perflow_video.tiny.tiny_models import TINY_MODELS_VERSION
 from perflow_video.weights.delta_weights import apply_delta_weights, load_delta_weights
 
@@ -91,9 +92,10 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
     assert meta.family == family and meta.parameterization == expected
     assert meta.cfg_mode == ("fixed" if family == "sd21" else "sync")
     assert json.loads(meta.resolved_config)["model"]["family"] == family
-    # ΔW applied to the teacher gives the student back.
+    # ΔW applied to the teacher gives the student back (animatediff: the shipped tiny-teacher).
     cfg_cache = Path(env["PERFLOW_VIDEO_CACHE"]) / "tiny_models" / f"{family}-seed0-v{TINY_MODELS_VERSION}"
     if family == "animatediff":
+        cfg_cache = tiny_teacher_folder()
         from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
         teacher = UNetMotionModel.from_unet2d(
@@ -269,7 +271,8 @@ def test_latent_cache_gives_the_same_first_step_and_is_reused(env, tmp_path):
     cached = tmp_path / "cached"
     train(env, "animatediff", cached, *args, "data.cache_latents=true")
     files = list((cached / "latent_cache").glob("*.safetensors"))
-    assert len(files) == 24 and (cached / "latent_cache" / "complete.json").is_file()  # one per toy clip
+    # one per clip of the tiny config's data (data/shape_world_clips: 132)
+    assert len(files) == 132 and (cached / "latent_cache" / "complete.json").is_file()
     # Epoch 0 sees the same frames either way, so the first loss is the same with and without the cache.
     first = [metric(d, "loss")[0][1] for d in (tmp_path / "live", cached)]
     assert first[1] == pytest.approx(first[0], rel=1e-4)

@@ -1,9 +1,11 @@
-"""Loading teacher components from a hub id, a local diffusers folder, a single checkpoint file, or the
-embedded tiny default (built once into a cache folder, then loaded through the very same path); or, with
+"""Loading teacher components from a hub id, a local diffusers folder, a single checkpoint file, or an
+embedded model: ``tiny`` (each family's random tiny model, built once into a cache folder, then loaded
+through the very same path) or ``tiny-teacher`` (the trained tiny text-to-video teacher shipped in the
+package, animatediff only); or, with
 ``model.init=random``, building the real architecture from the configs shipped in
 ``perflow_video/architectures`` with random weights (:func:`shipped_configs`, :func:`random_weights`).
 
-``check_weights_present`` answers, before anything loads, whether a source is there: tiny, local, in the
+``check_weights_present`` answers, before anything loads, whether a source is there: embedded, local, in the
 Hugging Face cache (looked up offline), or, when downloads are allowed, on a reachable hub.
 """
 
@@ -26,12 +28,19 @@ from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, R
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from perflow_video.architectures import component_config
-from perflow_video.errors import WeightsNotFoundError
+from perflow_video.errors import ConfigError, WeightsNotFoundError
 from perflow_video.families.base import missing_weights_error
 from perflow_video.family_names import FamilyName
+from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
 from perflow_video.tiny.tiny_models import tiny_tokenizer
 
+#: The embedded random tiny model of each family (built into :func:`tiny_cache_dir`).
 TINY_PREFIX = "tiny"
+#: The embedded *trained* tiny text-to-video teacher (animatediff only; ``perflow_video/tiny/assets``).
+TINY_TEACHER = "tiny-teacher"
+#: The weight sources that need no download and no path: ``model.pretrained_model_name_or_path`` /
+#: ``model.motion_adapter`` values (``--base`` / ``--motion_adapter`` of generate.py).
+EMBEDDED_MODELS = (TINY_PREFIX, TINY_TEACHER)
 #: Where each family's base weights usually come from (the example in a "weights not found" message).
 EXAMPLE_WEIGHTS: dict[FamilyName, str] = {
     "animatediff": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -51,11 +60,35 @@ def tiny_cache_dir() -> Path:
     return Path(root) / "tiny_models"
 
 
+def tiny_teacher_path(family: str) -> str:
+    """The folder of the embedded trained teacher; a ConfigError naming the key for a family other than
+    animatediff (the teacher is an SD1.5-style pipeline plus motion modules)."""
+    if family != "animatediff":
+        raise ConfigError(
+            f"model.pretrained_model_name_or_path={TINY_TEACHER} (generate.py --base {TINY_TEACHER}) is the "
+            f"embedded tiny text-to-video teacher, for model.family=animatediff only; family {family} takes "
+            f"{TINY_PREFIX} (its random tiny model) or a {family} model, e.g. {EXAMPLE_WEIGHTS[family]}"
+        )
+    return str(tiny_teacher_folder())
+
+
+def embedded_source(path: str, subfolder: str | None) -> tuple[str, str | None]:
+    """Where ``(path, subfolder)`` reads from when ``path`` is ``tiny-teacher``: the teacher's folder, and
+    for a model read at the root (``model.motion_adapter=tiny-teacher``) its ``motion_adapter/``.
+    Any other path is returned unchanged."""
+    if path != TINY_TEACHER:
+        return path, subfolder
+    return str(tiny_teacher_folder()), subfolder or "motion_adapter"
+
+
 def resolve_model_path(path: str, family: str) -> str:
-    """``tiny`` -> a local diffusers folder of the family's tiny model (built atomically on first use).
+    """``tiny`` -> a local diffusers folder of the family's tiny model (built atomically on first use);
+    ``tiny-teacher`` -> the embedded trained teacher's folder (animatediff only, else a ConfigError).
 
     Every other value is returned unchanged (hub id, folder or file).
     """
+    if path == TINY_TEACHER:
+        return tiny_teacher_path(family)
     if path != TINY_PREFIX:
         return path
     from perflow_video.tiny.tiny_models import (  # only the embedded default needs them
@@ -79,7 +112,9 @@ def resolve_model_path(path: str, family: str) -> str:
 def load_component(
     cls, path: str, subfolder: str | None, revision: str | None, variant: str | None, flag: str
 ):
-    """``cls.from_pretrained(path, subfolder=...)`` with an error that says where it looked."""
+    """``cls.from_pretrained(path, subfolder=...)`` with an error that says where it looked (``tiny-teacher``:
+    :func:`embedded_source`)."""
+    path, subfolder = embedded_source(path, subfolder)
     local = os.path.isdir(path)
     try:
         return cls.from_pretrained(
@@ -128,18 +163,18 @@ def hub_problem(repo_id: str, revision: str | None) -> str | None:
 
 
 def check_weights_present(flag: str, source: str, marker: str, revision: str | None, example: str) -> None:
-    """Raises ``WeightsNotFoundError`` unless ``source`` is tiny, a local path, in the HF cache, or a repo
+    """Raises ``WeightsNotFoundError`` unless ``source`` is embedded (tiny, tiny-teacher), a local path, in the HF cache, or a repo
     the hub serves (then the run downloads it; ``HF_HUB_OFFLINE=1`` rules that out).
 
     Args:
         flag: the config key that names the source, e.g. ``model.pretrained_model_name_or_path``.
-        source: its value (hub id, local folder or file, or ``tiny``).
+        source: its value (hub id, local folder or file, or an :data:`EMBEDDED_MODELS` name).
         marker: the file whose presence in the cache means the repo was downloaded (``PIPELINE_MARKER``
             for a pipeline, ``MODEL_MARKER`` for one model such as a MotionAdapter).
         revision: the hub revision asked for (None: the default branch).
         example: a typical value of ``flag`` for this family, quoted in the message.
     """
-    if source == TINY_PREFIX or os.path.exists(source):
+    if source in EMBEDDED_MODELS or os.path.exists(source):
         return
     if not _is_repo_id(source):
         raise WeightsNotFoundError(
@@ -178,12 +213,12 @@ DEFAULT_MOTION_ADAPTER_ARCHITECTURE = "motion_adapter_v1_5_2"
 
 
 def motion_adapter_architecture(value: str | None) -> str:
-    """The shipped motion-adapter architecture a ``model.motion_adapter`` value names (None / tiny: v1-5-2).
+    """The shipped motion-adapter architecture a ``model.motion_adapter`` value names (None / embedded: v1-5-2).
 
     Raises:
         ValueError: the value names no version (the message says how to name one).
     """
-    if value is None or value == TINY_PREFIX:
+    if value is None or value in EMBEDDED_MODELS:
         return DEFAULT_MOTION_ADAPTER_ARCHITECTURE
     normalized = re.sub(r"[_.]", "-", value.lower())
     for architecture, pattern in MOTION_ADAPTER_VERSIONS:
@@ -251,11 +286,13 @@ def random_text_encoder(cls, config: dict):
 
 
 def read_component_config(source: str, component: str | None, revision: str | None = None) -> dict:
-    """``<source>/<component>/config.json`` from a local folder or the Hugging Face cache (never downloads).
+    """``<source>/<component>/config.json`` from a local folder or the Hugging Face cache (never downloads;
+    ``tiny-teacher``: :func:`embedded_source`).
 
     Raises:
         OSError: the folder has no such file, or the hub repo's file is not in the cache.
     """
+    source, component = embedded_source(source, component)
     name = f"{component}/config.json" if component else "config.json"
     if os.path.isdir(source):
         path = Path(source) / name

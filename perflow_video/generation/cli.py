@@ -30,7 +30,9 @@ model source:
                  is --family, else the delta's (its metadata), else animatediff
   (none)         the tiny default of --family (animatediff if not given): the finished run in
                  outputs/tiny-<family> if there is one (python scripts/train_animatediff.py, or
-                 python scripts/train_image.py --model <family> --tiny), else the untrained tiny teacher
+                 python scripts/train_image.py --model <family> --tiny), else the embedded model itself:
+                 for animatediff the trained tiny teacher (tiny-teacher: 32 x 32 px, 16 frames), for an
+                 image family its untrained tiny model
 
 image families (sd15, sd21, sdxl):
   diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the student with the PeRFlowScheduler;
@@ -50,7 +52,7 @@ video-to-video (--video IN.mp4 --strength S):
   for AnimateDiff's schedule), exactly what the student was trained on at t = 1.
 
 long clips (FreeNoise):
-  --num_frames above the motion modules' frame positions (motion_max_seq_length: 32 for the tiny model and
+  --num_frames above the motion modules' frame positions (motion_max_seq_length: 32 for the tiny models and
   the SD1.5 v2/v3 adapters) needs --context_length N: diffusers' FreeNoise runs the motion modules on
   windows of N frames every --context_stride frames and blends them; the PeRFlow steps are unchanged.
 
@@ -95,7 +97,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--base",
         metavar="MODEL",
-        help="instead of --run: a base model of --family (diffusers folder, hub id, or tiny) to sample, "
+        help="instead of --run: a base model of --family (diffusers folder, hub id, tiny, or "
+        "tiny-teacher for animatediff) to sample, "
         "with --delta added (default with --delta: the base model the delta was trained on)",
     )
     add(
@@ -108,7 +111,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--motion_adapter",
         metavar="ADAPTER",
         help="with --base, animatediff only: MotionAdapter folder / hub id / original motion-module file, or "
-        "tiny (default: the delta's, tiny for --base tiny, else guoyww/animatediff-motion-adapter-v1-5-2)",
+        "tiny / tiny-teacher (default: the delta's, the base's own for --base tiny / tiny-teacher, else "
+        "guoyww/animatediff-motion-adapter-v1-5-2)",
     )
     add(
         "--delta",

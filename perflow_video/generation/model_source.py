@@ -1,5 +1,6 @@
 """Where the samples come from: a finished training run (``--run DIR``), a base model + ΔW (``--base``,
-``--delta``, ``--family``) or the embedded tiny default.
+``--delta``, ``--family``) or the embedded tiny default (animatediff: the trained ``tiny-teacher``; the
+image families: their random ``tiny`` model).
 
 A run folder (README "Outputs") holds ``config.yaml`` (family, base model), ``student/`` (diffusers
 layout, written by the family's ``save_student``: ``unet_motion/`` for AnimateDiff, ``unet/`` for the image
@@ -23,7 +24,13 @@ from diffusers import UNet2DConditionModel, UNetMotionModel
 
 from perflow_video.errors import ConfigError, PathNotFoundError, WeightsNotFoundError
 from perflow_video.families import FamilyModels, FamilySpec, ModelFamily, get_family
-from perflow_video.families.loading import resolve_model_path
+from perflow_video.families.loading import (
+    EMBEDDED_MODELS,
+    TINY_PREFIX,
+    TINY_TEACHER,
+    read_component_config,
+    resolve_model_path,
+)
 from perflow_video.method.reflow_objective import ReflowConfig
 from perflow_video.scheduler import PeRFlowScheduler, perflow_scheduler_for
 from perflow_video.weights.delta_sources import read_delta
@@ -31,8 +38,9 @@ from perflow_video.weights.delta_weights import DeltaMetadata, apply_delta_weigh
 
 #: Where ``python scripts/train_animatediff.py`` (no flags) writes its run, relative to the working directory.
 TINY_RUN_DIR = Path("outputs") / "tiny-animatediff"
-#: The embedded tiny AnimateDiff's settings (configs/tiny/animatediff.yaml): 64 px, 16 frames.
-TINY_RESOLUTION, TINY_NUM_FRAMES = 64, 16
+#: Frames per clip of the embedded video models (tiny-teacher and the random tiny AnimateDiff); their
+#: resolution is read from their configs (:func:`model_resolution`: 32 px for tiny-teacher).
+TINY_NUM_FRAMES = 16
 FINISHED_MARKER = "train_summary.json"
 #: The families whose pipelines give clips; the others (sd15, sd21, sdxl) give images.
 VIDEO_FAMILIES = ("animatediff",)
@@ -119,11 +127,28 @@ def _max_frames(unet: torch.nn.Module) -> int:
     return int(getattr(unet.config, "motion_max_seq_length", 32))
 
 
+def sample_resolution(unet_config, vae_config) -> int:
+    """The UNet's ``sample_size`` times the VAE's factor, as diffusers' pipelines compute their default size."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def pipeline_resolution(models: FamilyModels) -> int:
-    """The square size an image pipeline samples by default: the UNet's ``sample_size`` times the VAE's
-    factor, as diffusers computes it (512 / 768 / 1024 for SD1.5 / SD2.1 / SDXL, 64 / 96 / 128 tiny)."""
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    return int(models.teacher.config.sample_size) * factor
+    """The square size an image pipeline samples by default (:func:`sample_resolution`: 512 / 768 / 1024 for
+    SD1.5 / SD2.1 / SDXL, 64 / 96 / 128 tiny)."""
+    return sample_resolution(models.teacher.config, models.vae.config)
+
+
+def model_resolution(source: str, family: str) -> int:
+    """The default square size of a base model folder (or embedded name), from its unet/ and vae/ configs
+    (:func:`sample_resolution`; 32 for tiny-teacher). Reads configs only, loads no weights."""
+    folder = resolve_model_path(source, family)
+    return sample_resolution(read_component_config(folder, "unet"), read_component_config(folder, "vae"))
+
+
+def embedded_model(family: str) -> str:
+    """The embedded model a family samples by default: the trained tiny-teacher for animatediff, the random
+    tiny model for the image families."""
+    return TINY_TEACHER if family in VIDEO_FAMILIES else TINY_PREFIX
 
 
 def _finish(family, models, student, scheduler, description, resolution, num_frames) -> LoadedModel:
@@ -182,20 +207,27 @@ def load_run(run: str | Path, num_frames: int | None = None) -> LoadedModel:
     return _finish(family, models, student, scheduler, os.fspath(run), spec.resolution, run_frames)
 
 
+def teacher_description(family: str) -> str:
+    """What :func:`load_tiny_teacher` of ``family`` samples, in words."""
+    if family in VIDEO_FAMILIES:
+        return f"the trained tiny teacher ({TINY_TEACHER}, embedded)"
+    return f"the untrained tiny teacher ({TINY_PREFIX} {family})"
+
+
 def load_tiny_teacher(num_frames: int | None = None, family: str = DEFAULT_FAMILY) -> LoadedModel:
-    """The embedded tiny model of ``family`` itself (no training), sampled with a PeRFlowScheduler on its
-    schedule (the family's default parameterization, K = 4)."""
+    """The embedded model of ``family`` itself (no PeRFlow training: :func:`embedded_model`, at the size its
+    configs give), sampled with a PeRFlowScheduler on its schedule (the family's default parameterization,
+    K = 4)."""
     adapter = family_named(family, "--family")
-    video = is_video_family(adapter)
-    spec = FamilySpec(
-        "tiny", "tiny" if video else None, None, None, None, TINY_RESOLUTION, num_frames or TINY_NUM_FRAMES
-    )
-    models = adapter.load(spec)
-    resolution = TINY_RESOLUTION if video else pipeline_resolution(models)
+    base = embedded_model(adapter.name)
+    resolution = model_resolution(base, adapter.name)
+    motion_adapter = base if is_video_family(adapter) else None
+    frames = num_frames or TINY_NUM_FRAMES
+    models = adapter.load(FamilySpec(base, motion_adapter, None, None, None, resolution, frames))
     scheduler = perflow_scheduler_for(
         models.scheduler_config, adapter.default_parameterization, ReflowConfig().num_time_windows
     )
-    description = "tiny teacher (untrained)"
+    description = teacher_description(adapter.name)
     return _finish(adapter, models, models.teacher, scheduler, description, resolution, TINY_NUM_FRAMES)
 
 
@@ -214,16 +246,17 @@ def load_tiny_default(
     )
     note = (
         f"no model given and no finished run in {run_dir} ({trainer} writes one): "
-        "sampling the untrained tiny teacher with the PeRFlow scheduler"
+        f"sampling {teacher_description(family)} with the PeRFlow scheduler"
     )
     return load_tiny_teacher(num_frames, family), note
 
 
 def tiny_model_folder(family: str = "animatediff") -> str:
-    """The local diffusers folder of the embedded tiny model of ``family`` (built on first use): what the
-    README's snippets load where a user loads ``stable-diffusion-v1-5/stable-diffusion-v1-5``. The
-    AnimateDiff one also holds ``motion_adapter/``."""
-    return resolve_model_path("tiny", family)
+    """The local diffusers folder of the embedded default model of ``family`` (:func:`embedded_model`: the
+    shipped trained tiny-teacher for animatediff, which also holds ``motion_adapter/``; the random tiny model,
+    built on first use, for the image families): what the README's snippets load where a user loads
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5``."""
+    return resolve_model_path(embedded_model(family), family)
 
 
 @dataclass
@@ -295,7 +328,8 @@ def resolve_base(
             )
     elif motion_adapter is None:
         same_base = trained.get("pretrained_model_name_or_path") == base
-        motion_adapter = trained.get("motion_adapter") if same_base else ("tiny" if base == "tiny" else None)
+        embedded = base if base in EMBEDDED_MODELS else None  # an embedded base's own adapter
+        motion_adapter = trained.get("motion_adapter") if same_base else embedded
     return BaseSource(base, adapter, motion_adapter, delta, tensors, meta, trained)
 
 
@@ -304,7 +338,11 @@ def _base_spec(source: BaseSource, num_frames: int) -> FamilySpec:
     trained, base = source.trained, source.base
     same_base = base == trained.get("pretrained_model_name_or_path")
     same_adapter = source.motion_adapter == trained.get("motion_adapter")
-    default_resolution = TINY_RESOLUTION if base == "tiny" else source.family.default_resolution
+    default_resolution = (
+        model_resolution(base, source.family.name)
+        if base in EMBEDDED_MODELS
+        else source.family.default_resolution
+    )
     return FamilySpec(
         pretrained_model_name_or_path=base,
         motion_adapter=source.motion_adapter,
@@ -332,7 +370,7 @@ def load_base_source(
     pipeline's own default size (:func:`pipeline_resolution`).
     """
     trained, family = source.trained, source.family
-    run_frames = int(trained.get("num_frames") or (TINY_NUM_FRAMES if source.base == "tiny" else 16))
+    run_frames = int(trained.get("num_frames") or TINY_NUM_FRAMES)  # 16: embedded models and AnimateDiff
     spec = _base_spec(source, num_frames or run_frames)
     models = family.load(spec)
     unet, description = models.teacher, _describe_base(source)
@@ -381,6 +419,7 @@ __all__ = [
     "load_run",
     "load_tiny_default",
     "load_tiny_teacher",
+    "model_resolution",
     "pipeline_resolution",
     "resolve_base",
     "tiny_run_dir",

@@ -153,19 +153,29 @@ def make_toy_clips(out_dir: str | Path, config: ToyClipConfig = ToyClipConfig())
         The clips written, in CSV order.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     clips = plan_toy_clips(config)
     for clip in clips:
-        encode_video(
-            render_toy_clip(clip),
-            out / f"{clip.videoid}.mp4",
-            fps=config.fps,
-            crf=config.crf,
-            codec_options={"threads": "1"},
-        )
-        (out / f"{clip.videoid}.txt").write_text(clip.prompt + "\n", encoding="utf-8")
+        write_captioned_clip(out, clip.videoid, render_toy_clip(clip), clip.prompt, config.fps, config.crf)
+    write_captions_csv(out, [(c.videoid, c.prompt) for c in clips], config.page_dir)
+    return clips
+
+
+def write_captioned_clip(
+    out: Path, videoid: str, frames: np.ndarray, prompt: str, fps: int, crf: int, pix_fmt: str = "yuv420p"
+) -> None:
+    """``<out>/<videoid>.mp4`` (H.264, single-threaded x264: reproducible) and its sidecar caption
+    ``<videoid>.txt``; ``frames`` uint8 ``(F, H, W, 3)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    encode_video(
+        frames, out / f"{videoid}.mp4", fps=fps, crf=crf, pix_fmt=pix_fmt, codec_options={"threads": "1"}
+    )
+    (out / f"{videoid}.txt").write_text(prompt + "\n", encoding="utf-8")
+
+
+def write_captions_csv(out: Path, rows: list[tuple[str, str]], page_dir: str) -> None:
+    """``<out>/captions.csv`` in the WebVid layout (videoid,name,page_dir) from ``(videoid, prompt)`` rows."""
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / CSV_NAME, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["videoid", "name", "page_dir"])
-        writer.writerows([c.videoid, c.prompt, config.page_dir] for c in clips)
-    return clips
+        writer.writerows([videoid, prompt, page_dir] for videoid, prompt in rows)
