@@ -24,7 +24,8 @@ def guided_output(
     """The UNet's output, with classifier-free guidance w = ``guidance_scale`` when w != 1 (paper eq. 9)."""
     if guidance_scale == 1.0 or uncond is None:
         return unet_output(unet(x, timestep, **cond.unet_kwargs()))
-    both = unet_output(unet(torch.cat([x, x]), timestep, **Conditioning.cat(uncond, cond).unet_kwargs()))
+    timesteps = torch.cat([timestep, timestep]) if timestep.ndim == 1 else timestep  # one per row of [x, x]
+    both = unet_output(unet(torch.cat([x, x]), timesteps, **Conditioning.cat(uncond, cond).unet_kwargs()))
     out_u, out_c = both.chunk(2)
     return out_u + guidance_scale * (out_c - out_u)
 
