@@ -17,7 +17,7 @@ from perflow_video.family_names import FAMILY_NAMES
 from perflow_video.media.video_decode import BACKENDS
 from perflow_video.media.video_export import CLIP_FORMATS
 from perflow_video.method.reflow_objective import LOSS_WEIGHTINGS
-from perflow_video.method.teacher_solver import TEACHER_PREDICTION_TYPES
+from perflow_video.method.teacher_solver import TEACHER_PREDICTION_TYPES, TEACHER_SOLVERS
 from perflow_video.training.config_help import config_reference, field_choices, field_meanings
 from perflow_video.training.config_io import ConfigError, diff_from_defaults, from_dict, save_yaml_config
 from perflow_video.training.frozen_models import DTYPES
@@ -142,6 +142,7 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
         "data.short_clip_policy", "data.backend", "optim.optimizer",
         "optim.lr_scheduler", "optim.mixed_precision", "optim.frozen_dtype", "run.sample_format",
         "run.report_to", "reflow.parameterization", "reflow.loss_weighting", "reflow.teacher_prediction_type",
+        "reflow.solver",
     }  # fmt: skip
     assert set(choices) == expected
     # The Literal and the tuple the owning code checks are one list of values.
@@ -150,6 +151,7 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
     assert choices["model.init"] == MODEL_INITS
     assert choices["data.short_clip_policy"] == SHORT_CLIP_POLICIES
     assert choices["reflow.loss_weighting"] == LOSS_WEIGHTINGS
+    assert choices["reflow.solver"] == TEACHER_SOLVERS
     offered = {choice for name in FAMILY_NAMES for choice in get_family(name).trainable_choices}
     assert set(choices["model.trainable"]) == offered
     targets = {choice for name in FAMILY_NAMES for choice in get_family(name).lora_target_choices}
@@ -166,7 +168,8 @@ def test_help_reference_shows_the_resolved_values_with_meanings_and_choices():
     reference = config_reference(build(path=TINY_ANIMATEDIFF))
     assert "  optim.learning_rate = 0.0001  # AdamW peak learning rate" in reference
     assert '  run.output_dir = "outputs/tiny-animatediff"  # run folder' in reference
-    assert "  reflow.solver_steps = 8  # M, teacher DDIM steps inside one window" in reference
+    assert "  reflow.solver_steps = 8  # M, teacher forwards inside one window" in reference
+    assert "[ddim | dpm++ | unipc]" in reference
     assert '  model.attention = "auto"  # ' in reference and "[auto | xformers | sdpa]" in reference
     assert len(reference.splitlines()) == sum(
         1 + len(dataclasses.fields(getattr(TrainConfig(), s.name))) for s in dataclasses.fields(TrainConfig)

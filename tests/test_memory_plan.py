@@ -141,6 +141,9 @@ def test_the_meta_estimate_is_what_autograd_saves_on_real_tensors():
     real = family.load(family_spec(cfg))
     family.set_trainable(real.student, cfg.model.trainable)
     z_t, timestep, _ = student_inputs(family, meta, cfg, torch.float32)
+    r = cfg.model.resolution  # the planned latents are what the VAE makes of a frame (tiny teacher: r / 4)
+    frames = torch.zeros(1, cfg.model.num_frames, 3, r, r)
+    assert z_t.shape[-2:] == family.encode_pixels(real, frames).shape[-2:]
     cond = family.encode_prompts(real, [""] * cfg.optim.train_batch_size, "cpu")
     saved = SavedTensors([*real.student.parameters(), *real.student.buffers()])
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):

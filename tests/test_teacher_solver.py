@@ -23,6 +23,7 @@ from perflow_video.method.teacher_solver import (
     solver_grid,
 )
 from perflow_video.method.time_windows import abar_index_of_time, window_bounds
+from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
 from perflow_video.toy.toy_problem import GaussianMixture, MixtureTeacher
 
 ABAR = make_alphas_cumprod()
@@ -277,12 +278,10 @@ def test_ddim_default_is_unchanged_by_the_solver_option():
     assert torch.equal(default, explicit)
 
 
-TINY_TEACHER = Path(os.environ.get("PERFLOW_TINY_TEACHER", "outputs/tiny-teacher/snapshot"))
+# The teacher shipped in the package (or another snapshot of scripts/train_tiny_teacher.py).
+TINY_TEACHER = Path(os.environ.get("PERFLOW_TINY_TEACHER", str(tiny_teacher_folder())))
 
 
-@pytest.mark.skipif(
-    not (TINY_TEACHER / "unet").is_dir(), reason="no trained tiny teacher (PERFLOW_TINY_TEACHER)"
-)
 @pytest.mark.parametrize("solver", MULTISTEP)
 def test_on_the_trained_tiny_teacher_four_multistep_steps_beat_eight_ddim_steps(solver):
     """The measured property of docs/teacher_solver.md, on a trained tiny AnimateDiff teacher (16 x 8 x 8

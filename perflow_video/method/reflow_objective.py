@@ -24,8 +24,10 @@ from torch import Tensor
 
 from perflow_video.method.parameterization import PredictionType, expand_like, get_parameterization
 from perflow_video.method.teacher_solver import (
+    TEACHER_SOLVERS,
     Conditioning,
     TeacherPredictionType,
+    TeacherSolver,
     solve_window,
     unet_output,
 )
@@ -41,7 +43,10 @@ class ReflowConfig:
 
     # Each annotation carries the field's one-line meaning (listed by the training CLI's --help-config).
     num_time_windows: Annotated[int, "K, uniform windows on t in [0, 1]"] = 4
-    solver_steps: Annotated[int, "M, teacher DDIM steps inside one window"] = 8
+    solver_steps: Annotated[int, "M, teacher forwards inside one window (DDIM steps for solver=ddim)"] = 8
+    solver: Annotated[
+        TeacherSolver, "teacher ODE solver in a window: ddim (paper) | dpm++ | unipc (docs/teacher_solver.md)"
+    ] = "ddim"
     parameterization: Annotated[
         PredictionType, "what the student predicts: ddim_eps = B (eq. 8), diff_eps = A (eq. 7)"
     ] = "ddim_eps"
@@ -57,6 +62,8 @@ class ReflowConfig:
             raise ValueError(f"num_time_windows must be >= 1, got {self.num_time_windows}")
         if self.solver_steps < 1:
             raise ValueError(f"solver_steps must be >= 1, got {self.solver_steps}")
+        if self.solver not in TEACHER_SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {TEACHER_SOLVERS}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(
                 f"unknown loss_weighting {self.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}"
@@ -170,6 +177,7 @@ def reflow_targets(
         config.guidance_scale,
         config.solver_steps,
         config.teacher_prediction_type,
+        solver=config.solver,
     ).to(dtype)
     z_t = z_s + (z_e - z_s) * expand_like((t - t_s) / (t_e - t_s), z_s)
     target = param.target(z_s, z_e, t_s, t_e, abar_s, abar_e)

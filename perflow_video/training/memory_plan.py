@@ -302,7 +302,8 @@ class SavedTensors:
 
 def student_inputs(family: ModelFamily, models: FamilyModels, cfg: TrainConfig, dtype: torch.dtype):
     """(z_t, timesteps, conditioning) of one micro-batch, on the meta device."""
-    b, h = cfg.optim.train_batch_size, cfg.model.resolution // 8
+    vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)  # SD: 8; the tiny teacher: 4
+    b, h = cfg.optim.train_batch_size, cfg.model.resolution // vae_factor
     channels = models.student.config.in_channels
     shape = (b, channels, cfg.model.num_frames, h, h) if family.data_kind == "clips" else (b, channels, h, h)
     cond = family.encode_prompts(models, [""] * b, "meta").map(lambda x: x.to(dtype))
