@@ -184,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         "gets 16x the examples at the same cost. 0 = video batches only [%(default)s]",
     )
     a(
+        "--image-text-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let the image batch train the text encoder too; --no-image-text-grad detaches its captions' "
+        "hidden states, so the encoder learns only from clips (a frame shows no direction: its gradient "
+        "on the direction words is noise) [%(default)s]",
+    )
+    a(
         "--image-start-step",
         type=int,
         default=0,
@@ -659,7 +667,8 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     noise = torch.randn(z0.shape, generator=gen)
     t = draw_timesteps(n, gen, t_kind(args, step), len(alphas))
     a = alphas[t].view(-1, 1, 1, 1)
-    pred = unet2d(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text(captions)).sample
+    hidden = text(captions) if args.image_text_grad else text(captions).detach()
+    pred = unet2d(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
     return F.mse_loss(pred, noise)
 
 
@@ -687,7 +696,7 @@ def train_teacher(
         groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     ckpt_path = train_dir / "checkpoint.pt"
-    step = 0
+    step = clips_seen = 0  # clips_seen: where the clip stream continues (--batch-size may change on resume)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["arch"] != arch.to_json():
@@ -698,13 +707,15 @@ def train_teacher(
         ema_text.load_state_dict(ck["ema_text_encoder"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        print(f"teacher: resumed at step {step}", flush=True)
+        clips_seen = ck.get("clips_seen", step * ck["args"]["batch_size"])
+        print(f"teacher: resumed at step {step} ({clips_seen} clips seen)", flush=True)
         _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
 
     def save_ckpt() -> None:
         _save_torch_atomic(
             {
                 "step": step,
+                "clips_seen": clips_seen,
                 "arch": arch.to_json(),
                 "args": vars(args)
                 | {"vae_channels": list(args.vae_channels), "unet_channels": list(args.unet_channels)},
@@ -743,7 +754,7 @@ def train_teacher(
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
         gen = _gen(args.seed, 0x7EAC, step)
-        clips, captions = world.batch(step * args.batch_size, args.batch_size)
+        clips, captions = world.batch(clips_seen, args.batch_size)
         z0 = encode_clips(vae, clips, gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = draw_timesteps(args.batch_size, gen, t_kind(args, step), sched.config.num_train_timesteps)
@@ -766,6 +777,7 @@ def train_teacher(
         if train_text:
             _ema_update(ema_text, encoder, decay)
         step += 1
+        clips_seen += args.batch_size
         losses.append(loss.item())
         bar.update(1)
         if step % args.log_every == 0:
