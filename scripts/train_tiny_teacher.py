@@ -541,12 +541,14 @@ def sample(
 @torch.no_grad()
 def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int = 8) -> dict:
     """How much the denoiser uses the caption: epsilon loss on a fixed validation batch (held-aside seed,
-    t = 100 .. 900) with the right captions, with captions of *other* clips of the batch, and with "".
+    t = 100 .. 900) with the right captions, with captions of *other* clips, with the opposite direction word, and "".
     A model that ignores text scores the same three; the gap right -> wrong is what prompt binding buys."""
     world = ShapeWorld("all", seed=args.seed + 4242, config=cfg)
     clips, _ = world.batch(0, n)
     right = [world.spec(i).prompt for i in range(n)]
     wrong = right[1:] + right[:1]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong_direction = [" ".join([*p.split()[:-1], opposite[p.split()[-1]]]) for p in right]
     gen = _gen(args.seed, 0x7A1, 0)
     z0 = encode_clips(vae, clips, gen)
     noise = torch.randn(z0.shape, generator=gen)
@@ -554,7 +556,8 @@ def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int
     a = teacher_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     out = {}
-    for name, caps in (("right", right), ("wrong", wrong), ("empty", [""] * n)):
+    variants = (("right", right), ("wrong", wrong), ("wrong_direction", wrong_direction), ("empty", [""] * n))
+    for name, caps in variants:
         hidden = text(caps, encoder).repeat_interleave(args.num_frames, dim=0)
         out[name] = round(F.mse_loss(unet(zt, t, encoder_hidden_states=hidden).sample, noise).item(), 5)
     return out
