@@ -116,11 +116,23 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
         torch.testing.assert_close(value, student[key], rtol=0, atol=1e-6)
 
 
-def test_the_tiny_animatediff_default_lowers_its_eval_loss(env, tmp_path):
-    """The README's main job, cut to 150 of its 300 steps: the objective on fixed draws at the window
-    starts (where the 4-step sampler queries the student) falls (measured: 0.0235 -> 0.0179 at step 150,
-    0.0144 at step 300). The per-step training loss is too noisy to show it (it varies ~100x with t)."""
-    proc = train(env, "animatediff", tmp_path, "--max_train_steps", "150", "run.validation_prompts=[]")
+# The random tiny AnimateDiff on the toy clips: the set-up the eval_loss figures below were measured on.
+RANDOM_TINY_ANIMATEDIFF = (
+    "model.pretrained_model_name_or_path=tiny",
+    "model.motion_adapter=tiny",
+    "model.resolution=64",
+    "data.train_data=data/toy_clips/captions.csv",
+)
+
+
+def test_the_tiny_animatediff_recipe_lowers_its_eval_loss_on_the_random_teacher(env, tmp_path):
+    """The README's main job (its recipe, cut to 150 of its 300 steps) on the random tiny teacher: the
+    objective on fixed draws at the window starts (where the 4-step sampler queries the student) falls
+    (measured: 0.0235 -> 0.0179 at step 150, 0.0144 at step 300). The per-step training loss is too noisy
+    to show it (it varies ~100x with t). On the trained tiny-teacher the same recipe leaves it flat
+    (0.00172 -> 0.00177 in 300 steps; README, Known limitations), so it is not asserted there."""
+    args = ["--max_train_steps", "150", "run.validation_prompts=[]", *RANDOM_TINY_ANIMATEDIFF]
+    proc = train(env, "animatediff", tmp_path, *args)
     evals = metric(tmp_path, "eval_loss")
     assert f"eval_loss {evals[0][1]:.4g} (step 0) -> {evals[-1][1]:.4g} (step 150)" in proc.stdout
     assert [step for step, _ in evals] == [0, 50, 100, 150]
