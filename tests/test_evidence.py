@@ -5,6 +5,7 @@ and a --quick run end to end, on the embedded random tiny AnimateDiff and two re
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -193,7 +194,11 @@ def quick_run(env, teacher_dir, runs, tmp_path_factory):
     args = ["--teacher", teacher_dir, "--student", f"sync={runs['sync']}", "--student", f"fixed={runs['fixed']}",
             "--quick", "--frames", str(FRAMES), "--cfg", str(W), "--out", str(out), "--no-progress",
             "--reference-steps", str(REF_STEPS), "--ladder-steps", ",".join(map(str, LADDER))]  # fmt: skip
+    logger, threads = logging.getLogger("perflow_video.scheduler"), torch.get_num_threads()
+    level = logger.level
     assert main(args) == 0
+    # the run's thread count and quiet scheduler logger do not leak into the rest of the process
+    assert (logger.level, torch.get_num_threads()) == (level, threads)
     return out, args
 
 

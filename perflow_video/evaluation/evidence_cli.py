@@ -4,10 +4,12 @@ runs :func:`~.evidence_study.run_evidence` and writes ``results.json``, ``table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,11 +111,29 @@ def items_of(args: argparse.Namespace):
     return make_items(prompts, args.seeds)
 
 
+@contextlib.contextmanager
+def run_settings(threads: int) -> Iterator[None]:
+    """torch threads and a quiet scheduler logger (n < K warns; the table marks it) for one run, restored
+    after it (the tests run the command in-process)."""
+    logger = logging.getLogger("perflow_video.scheduler")
+    level, before = logger.level, torch.get_num_threads()
+    logger.setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        torch.set_num_threads(before)
+
+
 def run(argv: list[str]) -> dict:
     """Parse ``argv``, run the evidence, write its outputs; returns the results."""
     args = resolve_sizes(build_parser().parse_args(argv))
-    torch.set_num_threads(args.threads)
-    logging.getLogger("perflow_video.scheduler").setLevel(logging.ERROR)  # n < K: the table marks it
+    with run_settings(args.threads):
+        return run_evidence_command(args, argv)
+
+
+def run_evidence_command(args: argparse.Namespace, argv: list[str]) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     settings, items = settings_of(args), items_of(args)
     teacher = load_teacher(args.teacher, args.frames)
