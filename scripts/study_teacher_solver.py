@@ -33,7 +33,10 @@ from perflow_video.evaluation.solver_study import (  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", help="tiny AnimateDiff teacher folder (diffusers layout)")
+    p.add_argument(
+        "--teacher",
+        help="tiny AnimateDiff teacher folder (diffusers layout), or tiny-teacher (the shipped one)",
+    )
     p.add_argument("--samples", type=int, default=32, help="window starts per window [%(default)s]")
     p.add_argument("--windows", type=int, default=4, help="K [%(default)s]")
     p.add_argument(

@@ -33,14 +33,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
-    MotionAdapter,
     UNet2DConditionModel,
-    UNetMotionModel,
     UniPCMultistepScheduler,
 )
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 
+from perflow_video.evaluation.evidence_models import Teacher, load_teacher
 from perflow_video.families.base import encode_pixels_to_latents
 from perflow_video.method.noise_schedule import make_alphas_cumprod
 from perflow_video.method.parameterization import expand_like
@@ -61,57 +59,49 @@ DEFAULT_RUNS: tuple[tuple[str, int, str], ...] = (
 
 @dataclass
 class TinyTeacher:
-    """The frozen pieces of a trained tiny AnimateDiff teacher that a window solve needs."""
+    """The frozen pieces of a trained tiny AnimateDiff teacher that a window solve needs (loaded through the
+    animatediff family adapter, as the evidence table loads it)."""
 
-    unet: UNetMotionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    loaded: Teacher
     alphas_cumprod: Tensor  # (N,) float32, the teacher scheduler's abar
     beta_start: float
     beta_end: float
     beta_schedule: str
-    num_frames: int
     frame_size: int
 
-    def text(self, prompts: list[str]) -> Tensor:
-        """(B, 77, hidden) prompt embeddings."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return self.text_encoder(ids)[0]
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.loaded.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.loaded.models.vae
+
+    @property
+    def num_frames(self) -> int:
+        return self.loaded.models.num_frames
 
     def conditioning(self, prompts: list[str]) -> Conditioning:
         """The UNetMotionModel's conditioning: the prompt embedding repeated per frame (b-major)."""
-        return Conditioning(self.text(prompts).repeat_interleave(self.num_frames, dim=0))
+        return self.loaded.conditioning(prompts)
 
 
-def load_tiny_teacher(folder: str | Path) -> TinyTeacher:
-    """A ``scripts/train_tiny_teacher.py`` snapshot (or final folder), in eval mode, float32, on the CPU."""
-    import json
-
-    folder = Path(folder)
-    unet2d = UNet2DConditionModel.from_pretrained(folder / "unet")
-    adapter = MotionAdapter.from_pretrained(folder / "motion_adapter")
-    unet = UNetMotionModel.from_unet2d(unet2d, adapter).eval().requires_grad_(False)
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    info_file = folder / "teacher_info.json"
-    arch = json.loads(info_file.read_text())["arch"] if info_file.is_file() else {}
+def load_tiny_teacher(folder: str | Path, num_frames: int = 16) -> TinyTeacher:
+    """A ``scripts/train_tiny_teacher.py`` snapshot or final folder (or ``tiny-teacher``), frozen, float32,
+    on the CPU."""
+    loaded = load_teacher(str(folder), num_frames)
+    sched = loaded.scheduler_config
     abar = make_alphas_cumprod(
         sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"], sched["beta_schedule"]
     )
+    vae_factor = 2 ** (len(loaded.models.vae.config.block_out_channels) - 1)
     return TinyTeacher(
-        unet=unet,
-        vae=AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        loaded=loaded,
         alphas_cumprod=abar,
         beta_start=sched["beta_start"],
         beta_end=sched["beta_end"],
         beta_schedule=sched["beta_schedule"],
-        num_frames=16,
-        frame_size=int(arch.get("frame_size", 32)),
+        frame_size=loaded.unet.config.sample_size * vae_factor,
     )
 
 
