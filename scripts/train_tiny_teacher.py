@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first step that uses --t-sampling (earlier steps: uniform) [%(default)s]",
     )
+    a(
+        "--reversal-pairs",
+        action="store_true",
+        help="half of each video batch is the other half played backwards under the opposite direction word "
+        "(ShapeWorld.reversal_pairs): same object, same path, same timestep, only frame order and direction "
+        "differ, so the loss can fall only by reading the direction from the caption. --batch-size must be "
+        "even [off]",
+    )
     a("--warmup", type=int, default=300, help="linear warm-up steps [%(default)s]")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay [%(default)s]")
     a("--grad-clip", type=float, default=1.0, help="gradient norm clip [%(default)s]")
@@ -658,6 +666,16 @@ def t_kind(args, step: int) -> str:
     return args.t_sampling if step >= args.t_sampling_start_step else "uniform"
 
 
+def video_batch(world: ShapeWorld, start: int, args, step: int, gen: torch.Generator, n_train: int):
+    """The step's clips, captions and timesteps; with --reversal-pairs, pairs share their timestep."""
+    if not args.reversal_pairs:
+        clips, captions = world.batch(start, args.batch_size)
+        return clips, captions, draw_timesteps(args.batch_size, gen, t_kind(args, step), n_train)
+    clips, captions = world.reversal_pairs(start, args.batch_size // 2)
+    t = draw_timesteps(args.batch_size // 2, gen, t_kind(args, step), n_train)
+    return clips, captions, t.repeat(2)
+
+
 def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alphas) -> torch.Tensor:
     """Epsilon loss of the spatial UNet on ``--image-batch`` frames, one random frame of each clip."""
     n = args.image_batch
@@ -757,10 +775,9 @@ def train_teacher(
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
         gen = _gen(args.seed, 0x7EAC, step)
-        clips, captions = world.batch(clips_seen, args.batch_size)
+        clips, captions, t = video_batch(world, clips_seen, args, step, gen, sched.config.num_train_timesteps)
         z0 = encode_clips(vae, clips, gen)
         noise = torch.randn(z0.shape, generator=gen)
-        t = draw_timesteps(args.batch_size, gen, t_kind(args, step), sched.config.num_train_timesteps)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
@@ -780,7 +797,7 @@ def train_teacher(
         if train_text:
             _ema_update(ema_text, encoder, decay)
         step += 1
-        clips_seen += args.batch_size
+        clips_seen += args.batch_size // 2 if args.reversal_pairs else args.batch_size
         losses.append(loss.item())
         bar.update(1)
         if step % args.log_every == 0:
@@ -830,7 +847,10 @@ T0 = time.time()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.reversal_pairs and args.batch_size % 2:
+        parser.error(f"--reversal-pairs needs an even --batch-size, got {args.batch_size}")
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)

@@ -108,7 +108,7 @@ def test_debug_shows_the_traceback_and_help_config_the_values_of_the_no_argument
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     proc = script(env, "train_animatediff.py", "--help-config")
     assert proc.returncode == 0, proc.stderr
-    assert "  optim.learning_rate = 0.0001  # AdamW peak learning rate" in proc.stdout
+    assert "  optim.learning_rate = 3e-05  # AdamW peak learning rate" in proc.stdout
     assert '  run.output_dir = "outputs/tiny-animatediff"  # ' in proc.stdout
     assert "configs/tiny/animatediff.yaml" in proc.stdout.splitlines()[0]
 

@@ -19,11 +19,13 @@ from perflow_video.errors import exit_status_of
 from perflow_video.evaluation.evidence_cli import main
 from perflow_video.evaluation.evidence_metrics import (
     PSNR_CAP,
+    Reference,
     clip_psnr,
     diversity,
     fewest_matching_steps,
     frame_change,
     full_cell,
+    latent_cell,
 )
 from perflow_video.evaluation.evidence_models import load_student, load_teacher
 from perflow_video.evaluation.evidence_report import FIGURES, render_markdown
@@ -135,6 +137,22 @@ def test_a_student_recipe_is_read_from_its_run(students):
     assert fixed.sampling_guidance(W) == 1.0 and fixed.reference_guidance(W) == W_STAR
 
 
+@pytest.mark.parametrize("kind", ["sync", "fixed"])
+def test_a_delta_file_student_is_its_runs_student_with_the_same_recipe(teacher, runs, students, kind):
+    from_run = students[kind]
+    from_delta = load_student(kind, str(runs[kind] / "delta_weights.safetensors"), teacher)
+    keys = ("parameterization", "num_windows", "cfg_mode", "trained_guidance")
+    assert {k: getattr(from_delta, k) for k in keys} == {k: getattr(from_run, k) for k in keys}
+    assert (
+        from_delta.scheduler().config["num_time_windows"] == from_run.scheduler().config["num_time_windows"]
+    )
+    run_state = from_run.unet.state_dict()
+    worst = max((v - run_state[k]).abs().max().item() for k, v in from_delta.unet.state_dict().items())
+    assert worst < 1e-6
+    changed = sum(not torch.equal(v, teacher.unet.state_dict()[k]) for k, v in run_state.items())
+    assert changed > 0  # the 2 training steps moved the student away from the teacher
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_a_cfg_fixed_student_takes_one_unet_evaluation_per_step(teacher, students, steps):
     store = SampleStore(teacher, students, batch=2, cache_dir=None, progress=False)
@@ -155,6 +173,15 @@ def test_cells_psnr_frame_change_diversity():
     items = [Item("p", 0), Item("p", 1), Item("q", 0)]
     assert diversity(latents, items) == 3.0  # only the pair of "p"
     assert diversity(latents, [Item("p", 0), Item("q", 0), Item("r", 0)]) is None
+
+
+def test_a_latent_cell_gives_the_mean_and_the_median_over_clips():
+    items = [Item("p", s) for s in range(3)]
+    ref = Reference(1.0, torch.zeros(3, 4, 2, 2, 2), torch.zeros(3, 3, 2, 4, 4), items)
+    latents = torch.stack([torch.full((4, 2, 2, 2), v) for v in (0.1, 0.2, 3.0)])  # one clip in another mode
+    cell = latent_cell(latents, ref, items[::-1])  # cells follow the items' order, not the reference's
+    assert cell["rms_median"] == pytest.approx(0.2) and cell["rms"] == pytest.approx(3.3 / 3)
+    assert cell["n"] == 3
 
 
 def test_fewest_matching_steps():
@@ -220,6 +247,7 @@ def test_quick_run_end_to_end(quick_run, teacher):
     assert set(ladder) == {W, W_STAR}  # each student's PeRFlow-4 is matched against DDIM at its own reference
     assert set(ladder[W]["perflow4_rms"]) == {"sync"} and set(ladder[W_STAR]["perflow4_rms"]) == {"fixed"}
     assert all(list(map(int, lad["ddim_best_rms"])) == list(LADDER) for lad in results["ladder"])
+    assert all(set(lad["perflow4_rms_median"]) == set(lad["perflow4_rms"]) for lad in results["ladder"])
     assert set(results["spacing"]) == {"ddim", "dpm++2m", "euler", "unipc"}
     # One sheet (--quick): 5 rows (teacher DDIM-50 / DDIM-4 / DPM++-4, two students) x the 4 frames.
     size = teacher.decode(torch.zeros(1, *teacher.latent_shape())).shape[-2:]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from perflow_video.evaluation.recipe_study import Fidelity, Recipe, build_target_pool, train_recipe
+from perflow_video.evaluation.recipe_study import (
+    Fidelity,
+    Recipe,
+    build_target_pool,
+    chains_from_windows,
+    reference_trajectory,
+    train_recipe,
+    window_errors,
+)
 from perflow_video.evaluation.sampling import per_sample_rms, rms_distance, sample_latents
 from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
 from perflow_video.method.reflow_objective import ReflowConfig, student_loss
@@ -43,6 +51,21 @@ def test_perflow_b_sampling_with_the_teacher_is_one_ddim_step_per_window():
         x0 = (z - (1 - a_s).sqrt() * eps) / a_s.sqrt()
         z = a_e.sqrt() * x0 + (1 - a_e).sqrt() * eps
     assert torch.allclose(got.double(), z, atol=1e-4)
+
+
+def test_chains_from_windows_start_on_the_reference_and_the_last_is_the_last_local_error():
+    unet, config, abar = _setup()
+    noise = torch.randn(3, 4, FRAMES, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = _expand(torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(4)))
+    trajectory = reference_trajectory(unet, noise, cond, abar, 4, steps_per_window=3)
+    sampler = perflow_scheduler_for(config, "ddim_eps", 4)
+    chains = chains_from_windows(unet, sampler, trajectory, cond)
+    assert len(chains) == 4 and all(c.shape == (3,) for c in chains)
+    plain = sample_latents(unet, perflow_scheduler_for(config, "ddim_eps", 4), noise, cond, None, 4)
+    torch.testing.assert_close(chains[0], per_sample_rms(plain, trajectory[-1]), rtol=0, atol=1e-5)
+    last_local = window_errors(unet, perflow_scheduler_for(config, "ddim_eps", 4), trajectory, cond)[-1]
+    assert abs(float(chains[-1].pow(2).mean().sqrt()) - last_local) < 1e-5
+    assert float(chains[-1].mean()) < float(chains[0].mean())  # fewer sampled windows, closer
 
 
 def test_distances():

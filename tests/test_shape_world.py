@@ -14,6 +14,7 @@ from perflow_video.toy.shape_world import (
     parse_prompt,
     prompt_of,
     render_clip,
+    reversed_spec,
 )
 from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES
 
@@ -152,3 +153,36 @@ def test_frame_count_and_size_are_configurable():
     assert clip.shape == (3, 8, 48, 48)
     with pytest.raises(ValueError):
         ShapeWorld("all", config=ShapeWorldConfig(size=16)).spec(0)  # path cannot fit
+
+
+def test_a_reversed_clip_is_the_clip_played_backwards_with_the_opposite_direction():
+    world = ShapeWorld("all", seed=3)
+    for i in range(12):
+        spec = world.spec(i)
+        back = reversed_spec(spec)
+        twice = reversed_spec(back)
+        assert back.direction != spec.direction and twice.direction == spec.direction
+        assert np.allclose(twice.start, spec.start) and back.start == spec.center(1.0)
+        dy, dx = DIRECTION_VECTORS[spec.direction]
+        assert DIRECTION_VECTORS[back.direction] == (-dy, -dx)
+        torch.testing.assert_close(render_clip(back), render_clip(spec).flip(1), atol=1e-5, rtol=0)
+
+
+def test_reversal_pairs_contrast_only_the_direction_and_never_train_a_held_out_triple():
+    world = ShapeWorld("train", seed=1, drop_prompt=0.3)
+    clips, captions = world.reversal_pairs(0, 40)
+    assert clips.shape[0] == len(captions) == 80
+    assert not set(captions) & set(HELD_OUT)
+    contrasted = 0
+    for k in range(40):
+        first, second = captions[k], captions[40 + k]
+        if first == "":
+            assert second == ""
+            continue
+        if second == first:  # the reversal would have been a held-out prompt: the clip itself
+            torch.testing.assert_close(clips[40 + k], clips[k])
+            continue
+        contrasted += 1
+        assert parse_prompt(first)[:2] == parse_prompt(second)[:2]
+        torch.testing.assert_close(clips[40 + k], clips[k].flip(1), atol=1e-5, rtol=0)
+    assert contrasted >= 20

@@ -117,7 +117,7 @@ def test_dry_run_of_the_default_command(env):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pretrained_model_name_or_path: tiny-teacher" in proc.stdout
-    assert "2 x 16 x 32 x 32" in proc.stdout  # the memory plan reads the teacher's clip shape
+    assert "4 x 16 x 32 x 32" in proc.stdout  # the memory plan reads the teacher's clip shape (batch 4)
 
 
 def test_five_steps_of_the_tiny_config_then_generate_from_the_run(env, tmp_path, capsys):

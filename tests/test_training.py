@@ -61,7 +61,7 @@ def student_state(out: Path, family: str) -> dict:
 
 # Each family also exercises one trainer feature, so every option runs somewhere in CI.
 FEATURES = {
-    "animatediff": [*VIDEO_FAST, "model.gradient_checkpointing=true"],
+    "animatediff": [*VIDEO_FAST, "model.gradient_checkpointing=true", "model.trainable=motion"],
     "sd15": ["optim.use_ema=true", "optim.gradient_accumulation_steps=2"],
     "sd21": ["reflow.guidance_scale=3.0"],  # CFG-fixed teacher
     "sdxl": ["optim.mixed_precision=bf16"],  # CPU autocast; frozen models in bf16
@@ -102,7 +102,7 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
             UNet2DConditionModel.from_pretrained(cfg_cache, subfolder="unet"),
             MotionAdapter.from_pretrained(cfg_cache / "motion_adapter"),
         )
-        assert all("motion_modules" in k for k in delta)  # default: only the motion modules train
+        assert all("motion_modules" in k for k in delta)  # model.trainable=motion: only the motion modules
         assert (tmp_path / "delta_weights_motion_original.safetensors").is_file()
         assert (tmp_path / "perflow_motion_module.safetensors").is_file()
         assert (tmp_path / "student" / "motion_adapter").is_dir()
@@ -116,26 +116,17 @@ def test_each_tiny_family_trains_and_writes_its_outputs(env, tmp_path, family):
         torch.testing.assert_close(value, student[key], rtol=0, atol=1e-6)
 
 
-# The random tiny AnimateDiff on the toy clips: the set-up the eval_loss figures below were measured on.
-RANDOM_TINY_ANIMATEDIFF = (
-    "model.pretrained_model_name_or_path=tiny",
-    "model.motion_adapter=tiny",
-    "model.resolution=64",
-    "data.train_data=data/toy_clips/captions.csv",
-)
-
-
-def test_the_tiny_animatediff_recipe_lowers_its_eval_loss_on_the_random_teacher(env, tmp_path):
-    """The README's main job (its recipe, cut to 150 of its 300 steps) on the random tiny teacher: the
+def test_the_tiny_animatediff_recipe_lowers_its_eval_loss_on_the_trained_teacher(env, tmp_path):
+    """The README's main job (its recipe on the shipped tiny-teacher, cut to 100 of its 500 steps): the
     objective on fixed draws at the window starts (where the 4-step sampler queries the student) falls
-    (measured: 0.0235 -> 0.0179 at step 150, 0.0144 at step 300). The per-step training loss is too noisy
-    to show it (it varies ~100x with t). On the trained tiny-teacher the same recipe leaves it flat
-    (0.00172 -> 0.00177 in 300 steps; README, Known limitations), so it is not asserted there."""
-    args = ["--max_train_steps", "150", "run.validation_prompts=[]", *RANDOM_TINY_ANIMATEDIFF]
+    (measured with this recipe: 0.00288 -> 0.00214 at step 250, 0.00128 at 500, 0.00112 at 1,000; the old
+    recipe, motion modules at lr 1e-4, left it flat: 0.00172 -> 0.00177 in 300 steps, docs/recipe_study.md).
+    The per-step training loss is too noisy to show it (it varies ~100x with t)."""
+    args = ["--max_train_steps", "100", "run.validation_prompts=[]", "run.checkpointing_steps=0"]
     proc = train(env, "animatediff", tmp_path, *args)
     evals = metric(tmp_path, "eval_loss")
-    assert f"eval_loss {evals[0][1]:.4g} (step 0) -> {evals[-1][1]:.4g} (step 150)" in proc.stdout
-    assert [step for step, _ in evals] == [0, 50, 100, 150]
+    assert f"eval_loss {evals[0][1]:.4g} (step 0) -> {evals[-1][1]:.4g} (step 100)" in proc.stdout
+    assert [step for step, _ in evals] == [0, 50, 100]
     assert evals[-1][1] < 0.85 * evals[0][1], evals
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert [tuple(e) for e in summary["eval_loss"]] == evals

@@ -10,7 +10,9 @@ must be compared with):
   (:func:`~perflow_video.toy.probe.score_clip`);
 * **frame change**: mean over consecutive frame pairs of their pixel RMS difference ([0, 1] scale).
 
-A cell averages them over its clips; its temporal figure is the row's mean frame change over the
+A cell averages them over its clips (the latent RMS also as the median over its clips: a few clips whose
+few-step sample lands in another mode than the reference, e.g. the object elsewhere, dominate the mean);
+its temporal figure is the row's mean frame change over the
 reference's (1 = as smooth as the teacher, < 1 stiller or blurrier, > 1 flickering), and its diversity the
 mean pairwise latent RMS between clips of one prompt from different seeds (None with one seed).
 """
@@ -94,9 +96,9 @@ class Reference:
 
 
 def latent_cell(latents: Tensor, reference: Reference, items: Sequence[Item]) -> dict:
-    """Latent-only cell (the DDIM ladder): mean RMS to the reference."""
-    ref = reference.latents[reference.rows_of(items)]
-    return {"rms": float(per_sample_rms(latents, ref).mean()), "n": len(items)}
+    """Latent-only cell (the DDIM ladder): mean and median RMS to the reference."""
+    rms = per_sample_rms(latents, reference.latents[reference.rows_of(items)])
+    return {"rms": float(rms.mean()), "rms_median": float(rms.median()), "n": len(items)}
 
 
 def full_cell(latents: Tensor, pixels: Tensor, reference: Reference, items: Sequence[Item]) -> dict:

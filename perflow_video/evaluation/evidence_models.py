@@ -1,9 +1,11 @@
 """The models the evidence table measures: the teacher (a diffusers AnimateDiff folder) and PeRFlow students
-(finished runs of ``scripts/train_animatediff.py``), read from their own files (docs/evidence.md).
+(finished runs of ``scripts/train_animatediff.py``, or a run's ``delta_weights.safetensors`` on its own),
+read from their own files (docs/evidence.md).
 
-A student's recipe is what its run folder says, never a flag: the parameterization and K from
+A student's recipe is what its files say, never a flag: from a run folder, the parameterization and K from
 ``scheduler/scheduler_config.json`` (the PeRFlowScheduler that samples it), the CFG mode and the trained
-guidance w* from ``config.yaml`` (``reflow.guidance_scale``: 1 = CFG-sync, else CFG-fixed at w*).
+guidance w* from ``config.yaml`` (``reflow.guidance_scale``: 1 = CFG-sync, else CFG-fixed at w*); from a ΔW
+file, the same from its metadata (added to the teacher's UNet).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from perflow_video.families.animatediff import motion_unet
 from perflow_video.families.base import FamilyModels, FamilySpec
 from perflow_video.families.loading import resolve_model_path
 from perflow_video.method.teacher_solver import Conditioning
-from perflow_video.scheduler import PeRFlowScheduler
+from perflow_video.scheduler import PeRFlowScheduler, perflow_scheduler_for
+from perflow_video.weights.delta_sources import read_delta
+from perflow_video.weights.delta_weights import apply_delta_weights
 
 PARAMETERIZATION_NAMES = {"ddim_eps": "B", "diff_eps": "A", "velocity": "velocity"}
 
@@ -171,11 +175,30 @@ def load_student_unet(run_dir: Path, teacher: Teacher) -> torch.nn.Module:
     raise PathNotFoundError(f"{run_dir}: no student/unet_motion/ or student/motion_adapter/")
 
 
+def load_delta_student(name: str, path: Path, teacher: Teacher) -> StudentRun:
+    """The teacher's UNet + a ΔW file; parameterization, K and CFG mode from the file's metadata."""
+    tensors, meta = read_delta(path)
+    if meta is None:
+        raise ConfigError(f"--student {name}={path}: the ΔW has no PeRFlow metadata (parameterization, K)")
+    unet = UNetMotionModel.from_config(teacher.unet.config)
+    unet.load_state_dict(teacher.unet.state_dict())
+    apply_delta_weights(unet, tensors)
+    scheduler = perflow_scheduler_for(teacher.scheduler_config, meta.parameterization, meta.num_time_windows)
+    guidance = 1.0 if meta.cfg_mode == "sync" else float(meta.cfg_scale)
+    return StudentRun(
+        name, str(path), unet.eval(), dict(scheduler.config), meta.parameterization, meta.num_time_windows,
+        guidance, meta.base_model,
+    )  # fmt: skip
+
+
 def load_student(name: str, run_dir: str, teacher: Teacher) -> StudentRun:
-    """A student from its run folder; its recipe from the run's config.yaml and scheduler config."""
+    """A student from its run folder (its recipe from the run's config.yaml and scheduler config), or from a
+    ``.safetensors`` ΔW file added to the teacher (:func:`load_delta_student`)."""
     folder = Path(run_dir)
+    if folder.suffix == ".safetensors" and folder.is_file():
+        return load_delta_student(name, folder, teacher)
     if not folder.is_dir():
-        raise PathNotFoundError(f"--student {name}={run_dir}: no such folder")
+        raise PathNotFoundError(f"--student {name}={run_dir}: no such folder or ΔW file")
     recipe = read_run_recipe(folder)
     scheduler = recipe["scheduler"]
     if scheduler["prediction_type"] != recipe["reflow"]["parameterization"]:

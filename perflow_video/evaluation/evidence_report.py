@@ -38,6 +38,8 @@ def _num(fmt: str) -> Callable[[float | None], str]:
 #: (title, how a cell reads) of each rows x steps table.
 FIGURES: tuple[tuple[str, Callable[[dict], str]], ...] = (
     ("Latent RMS distance to the teacher's reference (lower is closer)", lambda c: _num(".4f")(c["rms"])),
+    ("Median over clips of the latent RMS distance (robust to the few clips that land in another mode)",
+     lambda c: _num(".4f")(c.get("rms_median"))),
     ("PSNR of the decoded clips to the decoded reference (dB, [0, 1] pixels; higher is closer)",
      lambda c: _num(".2f")(c["psnr"])),
     ("Prompt accuracy of the pixel probe: all three right (colour / shape / direction)",
@@ -88,15 +90,21 @@ def ladder_lines(results: dict) -> list[str]:
     """The "teacher DDIM steps that match PeRFlow-4" line per compared guidance, and DDIM's RMS by steps."""
     lines = []
     for lad in results["ladder"]:
-        curve = ", ".join(f"{n}: {rms:.4f}" for n, rms in lad["ddim_best_rms"].items())
-        where = f"{_guidance(lad['guidance'])}, {lad['n']} clips; DDIM RMS by steps, each at its closer spacing ({' / '.join(lad['ddim_rms'])}): {curve}"
-        if lad["best"] is None:
-            lines.append(f"- DDIM at {where}")
-            continue
-        steps = lad["matching_steps"]
-        found = f"**{steps}**" if steps is not None else f"more than {max(map(int, lad['ddim_best_rms']))}"
-        lines.append(f"- **teacher DDIM steps that match PeRFlow-4**: {found} (best PeRFlow-4 row `{lad['best']}` at "
-                     f"RMS {lad['perflow4_rms'][lad['best']]:.4f}; {where})")  # fmt: skip
+        for suffix, stat in (("", "mean"), ("_median", "median")):
+            if f"ddim_best_rms{suffix}" not in lad:  # results written before the median was added
+                continue
+            curve = ", ".join(f"{n}: {rms:.4f}" for n, rms in lad[f"ddim_best_rms{suffix}"].items())
+            where = (f"{_guidance(lad['guidance'])}, {lad['n']} clips; DDIM's {stat} RMS by steps, each at its closer "
+                     f"spacing ({' / '.join(lad[f'ddim_rms{suffix}'])}): {curve}")  # fmt: skip
+            best = lad[f"best{suffix}"]
+            if best is None:
+                lines.append(f"- DDIM at {where}")
+                continue
+            steps = lad[f"matching_steps{suffix}"]
+            top = max(map(int, lad[f"ddim_best_rms{suffix}"]))
+            found = f"**{steps}**" if steps is not None else f"more than {top}"
+            lines.append(f"- **teacher DDIM steps that match PeRFlow-4** ({stat} over clips): {found} (best "
+                         f"PeRFlow-4 row `{best}` at RMS {lad[f'perflow4_rms{suffix}'][best]:.4f}; {where})")  # fmt: skip
     return lines
 
 

@@ -135,21 +135,31 @@ def evaluate_row(
     return {**asdict(row), "cells": cells}
 
 
-def _rms_of(store: SampleStore, spec: SamplerSpec, ref: Reference, items: list[Item]) -> float:
-    return latent_cell(store.latents(spec, items), ref, items)["rms"]
+def _rms_of(
+    store: SampleStore, spec: SamplerSpec, ref: Reference, items: list[Item], stat: str = "rms"
+) -> float:
+    """``stat`` of :func:`latent_cell`: ``rms`` (the mean over clips) or ``rms_median``."""
+    return latent_cell(store.latents(spec, items), ref, items)[stat]
 
 
 def ddim_curves(
-    store: SampleStore, ddim_row: Row, settings: Settings, ref: Reference, items: list[Item]
+    store: SampleStore,
+    ddim_row: Row,
+    settings: Settings,
+    ref: Reference,
+    items: list[Item],
+    stat: str = "rms",
 ) -> dict[str, dict[int, float]]:
     """DDIM's RMS by step count at ``ref``'s guidance: trailing (the reference's spacing: at the reference's
     step count it is the reference) at the ladder's step counts, and the table's own DDIM spacing at the table's
     step counts where that differs (already sampled for the table's row at w)."""
     g = ref.guidance
     ladder = settings.ladder_steps
-    curves = {REFERENCE_SPACING: {n: _rms_of(store, reference_spec(g, n), ref, items) for n in ladder}}
+    curves = {REFERENCE_SPACING: {n: _rms_of(store, reference_spec(g, n), ref, items, stat) for n in ladder}}
     if ddim_row.spacing != REFERENCE_SPACING and ddim_row.guidance == g:
-        curves[ddim_row.spacing] = {n: _rms_of(store, ddim_row.spec(n), ref, items) for n in settings.steps}
+        curves[ddim_row.spacing] = {
+            n: _rms_of(store, ddim_row.spec(n), ref, items, stat) for n in settings.steps
+        }
     return curves
 
 
@@ -161,17 +171,20 @@ def ladder(
     ddim_row, w = rows[0], rows[0].guidance
     results = []
     for g in dict.fromkeys([w, *(r.reference_guidance for r in rows if r.kind == "perflow")]):
-        curves = ddim_curves(store, ddim_row, settings, refs[g], items)
-        best_ddim = {n: min(c[n] for c in curves.values() if n in c) for n in settings.ladder_steps}
-        students = {
-            r.model: _rms_of(store, r.spec(SHEET_STEPS), refs[g], items)
-            for r in rows
-            if r.kind == "perflow" and r.reference_guidance == g
-        }
-        best = min(students, key=students.get) if students else None
-        match = fewest_matching_steps(best_ddim, students[best]) if best else None
-        results.append({"guidance": g, "n": len(items), "ddim_rms": curves, "ddim_best_rms": best_ddim,
-                        "perflow4_rms": students, "best": best, "matching_steps": match})  # fmt: skip
+        entry = {"guidance": g, "n": len(items)}
+        for stat, suffix in (("rms", ""), ("rms_median", "_median")):  # the mean over clips, and the median
+            curves = ddim_curves(store, ddim_row, settings, refs[g], items, stat)
+            best_ddim = {n: min(c[n] for c in curves.values() if n in c) for n in settings.ladder_steps}
+            students = {
+                r.model: _rms_of(store, r.spec(SHEET_STEPS), refs[g], items, stat)
+                for r in rows
+                if r.kind == "perflow" and r.reference_guidance == g
+            }
+            best = min(students, key=students.get) if students else None
+            match = fewest_matching_steps(best_ddim, students[best]) if best else None
+            entry |= {f"ddim_rms{suffix}": curves, f"ddim_best_rms{suffix}": best_ddim,
+                      f"perflow4_rms{suffix}": students, f"best{suffix}": best, f"matching_steps{suffix}": match}  # fmt: skip
+        results.append(entry)
     return results
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from perflow_video.evaluation.sampling import rms_distance, sample_latents
+from perflow_video.evaluation.sampling import per_sample_rms, rms_distance, sample_latents
 from perflow_video.method.reflow_objective import ReflowConfig, ReflowTargets, reflow_targets, student_loss
 from perflow_video.method.teacher_solver import Conditioning, solve_window
 
@@ -124,6 +124,25 @@ def window_errors(
         out = unet(trajectory[k], t.expand(trajectory[k].shape[0]), **cond.unet_kwargs()).sample
         errors.append(rms_distance(scheduler.step(out, t, trajectory[k]).prev_sample, trajectory[k + 1]))
     return errors
+
+
+@torch.no_grad()
+def chains_from_windows(
+    unet: torch.nn.Module, scheduler, trajectory: list[Tensor], cond: Conditioning
+) -> list[Tensor]:
+    """Where the K-step sampler ends when it starts exactly on the reference at window k's start, for each k
+    (windows before k error-free): per-clip RMS to the reference sample, one (N,) tensor per k. Entry 0 is
+    the plain K-step sample from the noise; the drop from entry 0 to entry 1 is what the first window costs."""
+    num_windows = len(trajectory) - 1
+    scheduler.set_timesteps(num_windows)
+    ends = []
+    for start in range(num_windows):
+        z = trajectory[start]
+        for t in scheduler.timesteps[start:]:
+            out = unet(z, t.expand(z.shape[0]), **cond.unet_kwargs()).sample
+            z = scheduler.step(out, t, z).prev_sample
+        ends.append(per_sample_rms(z, trajectory[-1]))
+    return ends
 
 
 @dataclass(frozen=True)

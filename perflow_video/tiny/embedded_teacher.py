@@ -18,6 +18,13 @@ from pathlib import Path
 from perflow_video.errors import WeightsNotFoundError
 
 TINY_TEACHER_FOLDER = Path(__file__).resolve().parent / "assets" / "tiny_teacher"
+#: A PeRFlow student of the shipped teacher, as its ΔW (``delta_weights.safetensors`` of a training run, with
+#: its metadata: B, K = 4, CFG-sync): ``python scripts/generate.py --delta <this file>`` samples it and
+#: ``scripts/benchmark_evidence.py --student NAME=<this file>`` measures it. Its training command:
+#: docs/evidence.md ("The committed student").
+TINY_TEACHER_STUDENT_DELTA = (
+    Path(__file__).resolve().parent / "assets" / "tiny_teacher_student" / ("delta_weights.safetensors")
+)
 #: The subfolders the shipped teacher holds (diffusers layout).
 TEACHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "motion_adapter", "scheduler")
 

@@ -42,6 +42,7 @@ __all__ = [
     "parse_prompt",
     "prompt_of",
     "render_clip",
+    "reversed_spec",
 ]
 
 SUPERSAMPLE = 4  # sub-pixels per pixel and axis used to compute coverage
@@ -113,6 +114,21 @@ class ClipSpec:
         """Centre (y, x) at time ``t`` in ``[0, 1]`` (first to last frame), constant speed."""
         dy, dx = DIRECTION_VECTORS[self.direction]
         return self.start[0] + dy * self.travel * t, self.start[1] + dx * self.travel * t
+
+
+#: The direction a clip shows when played backwards.
+OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def reversed_spec(spec: ClipSpec) -> ClipSpec:
+    """The clip ``spec`` played backwards: it starts where ``spec`` ends and moves the opposite way.
+
+    ``render_clip(reversed_spec(s))`` is ``render_clip(s)`` with its frames in reverse order (constant speed,
+    no bounces), so a clip and its reversal differ only in frame order and in the caption's direction word.
+    """
+    return ClipSpec(
+        spec.color, spec.shape, OPPOSITE[spec.direction], spec.radius, spec.center(1.0), spec.travel
+    )
 
 
 def sample_spec(
@@ -235,6 +251,22 @@ class ShapeWorld:
         """Clips ``start .. start + batch_size - 1``: ``(B, 3, F, H, W)`` and their captions."""
         idx = range(start, start + batch_size)
         return torch.stack([self.clip(i) for i in idx]), [self.caption(i) for i in idx]
+
+    def reversal_pairs(self, start: int, n_pairs: int) -> tuple[torch.Tensor, list[str]]:
+        """Clips ``start .. start + n_pairs - 1``, then each played backwards under its opposite direction.
+
+        ``(2 n_pairs, 3, F, H, W)`` and captions. A pair shows the same object on the same path; only the frame
+        order and the direction word differ, so only the caption's direction can tell their noise apart. A
+        dropped caption stays dropped; a reversal whose prompt is not in this split (a held-out triple) is
+        replaced by the clip itself, so no held-out combination is ever trained on.
+        """
+        specs = [self.spec(i) for i in range(start, start + n_pairs)]
+        captions = [self.caption(i) for i in range(start, start + n_pairs)]
+        backwards = [reversed_spec(s) for s in specs]
+        backwards = [b if b.prompt in self.prompts else s for s, b in zip(specs, backwards, strict=True)]
+        back_captions = [c and b.prompt for c, b in zip(captions, backwards, strict=True)]
+        clips = [render_clip(s, self.config) for s in specs + backwards]
+        return torch.stack(clips), captions + back_captions
 
 
 def frame_count_motion(spec: ClipSpec, config: ShapeWorldConfig = ShapeWorldConfig()) -> float:
