@@ -59,7 +59,7 @@ def test_family_defaults_come_from_the_adapter(name):
 def test_partial_sections_merge_onto_the_defaults_and_flags_win():
     cfg = load_train_config(TINY_ANIMATEDIFF, {"optim.max_train_steps": 7, "run.output_dir": None}, [])
     assert cfg.optim.max_train_steps == 7 and cfg.run.output_dir == "outputs/tiny-animatediff"
-    assert cfg.optim.learning_rate == 1e-4 and cfg.optim.adam_beta1 == 0.9  # file value, class default
+    assert cfg.optim.learning_rate == 3e-5 and cfg.optim.adam_beta1 == 0.9  # file value, class default
 
 
 def test_trainable_must_fit_the_family():
@@ -166,9 +166,9 @@ def test_every_choice_is_a_literal_defined_beside_its_owner():
 
 def test_help_reference_shows_the_resolved_values_with_meanings_and_choices():
     reference = config_reference(build(path=TINY_ANIMATEDIFF))
-    assert "  optim.learning_rate = 0.0001  # AdamW peak learning rate" in reference
+    assert "  optim.learning_rate = 3e-05  # AdamW peak learning rate" in reference
     assert '  run.output_dir = "outputs/tiny-animatediff"  # run folder' in reference
-    assert "  reflow.solver_steps = 8  # M, teacher forwards inside one window" in reference
+    assert "  reflow.solver_steps = 4  # M, teacher forwards inside one window" in reference
     assert "[ddim | dpm++ | unipc]" in reference
     assert '  model.attention = "auto"  # ' in reference and "[auto | xformers | sdpa]" in reference
     assert len(reference.splitlines()) == sum(

@@ -22,9 +22,7 @@ TINY_TEACHER_FOLDER = Path(__file__).resolve().parent / "assets" / "tiny_teacher
 #: its metadata: B, K = 4, CFG-sync): ``python scripts/generate.py --delta <this file>`` samples it and
 #: ``scripts/benchmark_evidence.py --student NAME=<this file>`` measures it. Its training command:
 #: docs/evidence.md ("The committed student").
-TINY_TEACHER_STUDENT_DELTA = (
-    Path(__file__).resolve().parent / "assets" / "tiny_teacher_student" / ("delta_weights.safetensors")
-)
+TINY_TEACHER_STUDENT_DELTA = TINY_TEACHER_FOLDER.parent / "tiny_teacher_student" / "delta_weights.safetensors"
 #: The subfolders the shipped teacher holds (diffusers layout).
 TEACHER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "motion_adapter", "scheduler")
 
