@@ -62,7 +62,13 @@ from perflow_video.tiny.teacher_models import (  # noqa: E402
 )
 from perflow_video.tiny.tiny_models import tiny_tokenizer  # noqa: E402
 from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
-from perflow_video.toy.shape_world import ALL_PROMPTS, HELD_OUT, ShapeWorld, ShapeWorldConfig  # noqa: E402
+from perflow_video.toy.shape_world import (  # noqa: E402
+    ALL_PROMPTS,
+    HELD_OUT,
+    OPPOSITE,
+    ShapeWorld,
+    ShapeWorldConfig,
+)
 from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES  # noqa: E402
 
 _STOP = {"requested": False}
@@ -555,8 +561,7 @@ def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int
     clips, _ = world.batch(0, n)
     right = [world.spec(i).prompt for i in range(n)]
     wrong = right[1:] + right[:1]
-    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    wrong_direction = [" ".join([*p.split()[:-1], opposite[p.split()[-1]]]) for p in right]
+    wrong_direction = [" ".join([*p.split()[:-1], OPPOSITE[p.split()[-1]]]) for p in right]
     gen = _gen(args.seed, 0x7A1, 0)
     z0 = encode_clips(vae, clips, gen)
     noise = torch.randn(z0.shape, generator=gen)

@@ -10,6 +10,7 @@ file, the same from its metadata (added to the teacher's UNet).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -180,8 +181,7 @@ def load_delta_student(name: str, path: Path, teacher: Teacher) -> StudentRun:
     tensors, meta = read_delta(path)
     if meta is None:
         raise ConfigError(f"--student {name}={path}: the ΔW has no PeRFlow metadata (parameterization, K)")
-    unet = UNetMotionModel.from_config(teacher.unet.config)
-    unet.load_state_dict(teacher.unet.state_dict())
+    unet = copy.deepcopy(teacher.unet)
     apply_delta_weights(unet, tensors)
     scheduler = perflow_scheduler_for(teacher.scheduler_config, meta.parameterization, meta.num_time_windows)
     guidance = 1.0 if meta.cfg_mode == "sync" else float(meta.cfg_scale)

@@ -35,6 +35,7 @@ __all__ = [
     "ALL_PROMPTS",
     "BACKGROUND",
     "HELD_OUT",
+    "OPPOSITE",
     "SUPERSAMPLE",
     "ClipSpec",
     "ShapeWorld",
