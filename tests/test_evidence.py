@@ -291,3 +291,43 @@ def test_user_errors(teacher_dir, tmp_path, capsys):
     user_error(capsys, "no such folder")
     assert run("--steps", "4,0") == 2
     user_error(capsys, "--steps")
+
+
+def test_a_lora_rank_student_is_the_teacher_with_its_lora_files_loaded_by_diffusers(
+    teacher, teacher_dir, runs, tmp_path
+):
+    """``FILE,rank=R`` (claim (f)'s LoRA rows) is what a user gets from the rank-R LoRA files through
+    AnimateDiffPipeline.load_lora_weights: spatial PEFT LoRA + motion LoRA, fused."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    from perflow_video.weights.delta_export import export_delta
+    from perflow_video.weights.delta_weights import load_delta_weights, save_delta_weights
+
+    _, meta = load_delta_weights(runs["sync"] / "delta_weights.safetensors")
+    gen = torch.Generator().manual_seed(11)
+    delta = {k: 1e-2 * torch.randn(p.shape, generator=gen) for k, p in teacher.unet.named_parameters()}
+    save_delta_weights(delta, tmp_path / "delta.safetensors", meta)  # spatial + motion, every weight
+    student = load_student("lora2", f"{tmp_path / 'delta.safetensors'},rank=2", teacher)
+    assert student.run_dir.endswith(",rank=2") and student.describe() == "B, K=4, CFG-sync"
+
+    pipe = AnimateDiffPipeline.from_pretrained(
+        teacher_dir, motion_adapter=MotionAdapter.from_pretrained(Path(teacher_dir) / "motion_adapter")
+    )
+    for fmt in ("lora_peft", "motion_lora_diffusers"):
+        pipe.load_lora_weights(str(export_delta(delta, fmt, tmp_path / f"{fmt}.safetensors", rank=2)),
+                               adapter_name=fmt)  # fmt: skip
+    pipe.set_adapters(["lora_peft", "motion_lora_diffusers"])  # else only the last loaded one is active
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    loaded, ours, base = pipe.unet.state_dict(), student.unet.state_dict(), teacher.unet.state_dict()
+    assert max((loaded[k] - v).abs().max().item() for k, v in ours.items()) < 1e-4  # ΔW entries ~1e-2
+    changed = [k for k in ours if not torch.equal(ours[k], base[k])]
+    assert changed and all(k.endswith(".weight") and ours[k].ndim >= 2 for k in changed)  # no bias / norm
+    assert any("motion_modules" in k for k in changed) and any("motion_modules" not in k for k in changed)
+
+
+def test_a_rank_suffix_needs_a_delta_file_and_a_positive_rank(teacher, runs):
+    with pytest.raises(Exception, match="needs a ΔW .safetensors file"):
+        load_student("x", f"{runs['sync']},rank=2", teacher)
+    with pytest.raises(Exception, match="rank must be a positive integer"):
+        load_student("x", f"{runs['sync'] / 'delta_weights.safetensors'},rank=0", teacher)

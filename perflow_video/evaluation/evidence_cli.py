@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--student", action="append", default=[], metavar="NAME=RUN_DIR",
         help="a finished scripts/train_animatediff.py run, or its delta_weights.safetensors alone (added to "
-        "the teacher) (repeatable); its recipe is read from the run / the file's metadata")  # fmt: skip
+        "the teacher; FILE,rank=R adds what its rank-R LoRA files carry) (repeatable); its recipe is read "
+        "from the run / the file's metadata")  # fmt: skip
     add("--steps", default="1,2,4,8", help="step counts of every row [%(default)s]")
     add("--prompts", help=f"'all' (the 72 shape-world prompts) or N spread over them [{FULL['prompts']}]")
     add("--seeds", type=int, help=f"noise seeds per prompt [{FULL['seeds']}]")

@@ -5,7 +5,9 @@ read from their own files (docs/evidence.md).
 A student's recipe is what its files say, never a flag: from a run folder, the parameterization and K from
 ``scheduler/scheduler_config.json`` (the PeRFlowScheduler that samples it), the CFG mode and the trained
 guidance w* from ``config.yaml`` (``reflow.guidance_scale``: 1 = CFG-sync, else CFG-fixed at w*); from a ΔW
-file, the same from its metadata (added to the teacher's UNet).
+file, the same from its metadata (added to the teacher's UNet). ``<file>,rank=R`` adds instead what the
+rank-R LoRA files of that ΔW carry (:func:`~.lora_fidelity.lora_delta`: truncated SVDs of the spatial weights
+and of the motion attention projections, nothing else), as a user loading the LoRAs gets.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch import Tensor
 
 from perflow_video.errors import ConfigError, PathNotFoundError
+from perflow_video.evaluation.lora_fidelity import lora_delta
 from perflow_video.families import get_family
 from perflow_video.families.animatediff import motion_unet
 from perflow_video.families.base import FamilyModels, FamilySpec
@@ -176,27 +179,43 @@ def load_student_unet(run_dir: Path, teacher: Teacher) -> torch.nn.Module:
     raise PathNotFoundError(f"{run_dir}: no student/unet_motion/ or student/motion_adapter/")
 
 
-def load_delta_student(name: str, path: Path, teacher: Teacher) -> StudentRun:
-    """The teacher's UNet + a ΔW file; parameterization, K and CFG mode from the file's metadata."""
+def split_lora_rank(source: str) -> tuple[str, int | None]:
+    """``<path>,rank=R`` -> (path, R); any other source -> (source, None)."""
+    path, sep, rank = source.rpartition(",rank=")
+    if not sep:
+        return source, None
+    if not rank.isdigit() or int(rank) < 1:
+        raise ConfigError(f"--student ...={source}: rank must be a positive integer, got {rank!r}")
+    return path, int(rank)
+
+
+def load_delta_student(name: str, path: Path, teacher: Teacher, lora_rank: int | None = None) -> StudentRun:
+    """The teacher's UNet + a ΔW file (or, with ``lora_rank``, + what its rank-r LoRA files carry);
+    parameterization, K and CFG mode from the file's metadata."""
     tensors, meta = read_delta(path)
     if meta is None:
         raise ConfigError(f"--student {name}={path}: the ΔW has no PeRFlow metadata (parameterization, K)")
     unet = copy.deepcopy(teacher.unet)
-    apply_delta_weights(unet, tensors)
+    apply_delta_weights(unet, tensors if lora_rank is None else lora_delta(tensors, lora_rank))
     scheduler = perflow_scheduler_for(teacher.scheduler_config, meta.parameterization, meta.num_time_windows)
     guidance = 1.0 if meta.cfg_mode == "sync" else float(meta.cfg_scale)
+    source = str(path) if lora_rank is None else f"{path},rank={lora_rank}"
     return StudentRun(
-        name, str(path), unet.eval(), dict(scheduler.config), meta.parameterization, meta.num_time_windows,
+        name, source, unet.eval(), dict(scheduler.config), meta.parameterization, meta.num_time_windows,
         guidance, meta.base_model,
     )  # fmt: skip
 
 
 def load_student(name: str, run_dir: str, teacher: Teacher) -> StudentRun:
     """A student from its run folder (its recipe from the run's config.yaml and scheduler config), or from a
-    ``.safetensors`` ΔW file added to the teacher (:func:`load_delta_student`)."""
-    folder = Path(run_dir)
+    ``.safetensors`` ΔW file added to the teacher, whole or as its rank-R LoRAs (``<file>,rank=R``;
+    :func:`load_delta_student`)."""
+    source, rank = split_lora_rank(run_dir)
+    folder = Path(source)
     if folder.suffix == ".safetensors" and folder.is_file():
-        return load_delta_student(name, folder, teacher)
+        return load_delta_student(name, folder, teacher, rank)
+    if rank is not None:
+        raise ConfigError(f"--student {name}={run_dir}: ',rank=R' needs a ΔW .safetensors file")
     if not folder.is_dir():
         raise PathNotFoundError(f"--student {name}={run_dir}: no such folder or ΔW file")
     recipe = read_run_recipe(folder)
