@@ -60,6 +60,8 @@ def test_recipe_runs_as_printed(workdir, name):
     assert frames.ndim == 4 and frames.shape[0] == 16 and torch.isfinite(frames).all()
     if name == "sample the run":
         assert (workdir / "clip.mp4").stat().st_size > 0
+    if name == "motion lora":  # both LoRAs drive the sample (diffusers activates only the last one loaded)
+        assert set(namespace["pipe"].get_active_adapters()) == {"perflow", "perflow_spatial"}
 
 
 def test_the_recipes_agree_on_what_the_delta_does(workdir):
