@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from perflow_video.atomic_files import atomic_destination  # noqa: E402
 from perflow_video.errors import exit_status_of  # noqa: E402
 from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
 from perflow_video.evaluation.evidence_samplers import make_items, select_prompts  # noqa: E402
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
         "teacher": sample_and_measure(str(teacher), args.eval_prompts),
         "disc_area_at_radius": {r: round(disc_area(r), 1) for r in (3.0, 4.5, 7.0)},
     }
-    (out / VARIANT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_destination(out / VARIANT_INFO) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["samples_ddim50_cfg5"], indent=2))
     print(f"wrote the variant to {out}/ (loss {summary['loss_first_50']} -> {summary['loss_last_50']})")
     return summary

@@ -329,5 +329,7 @@ def test_a_lora_rank_student_is_the_teacher_with_its_lora_files_loaded_by_diffus
 def test_a_rank_suffix_needs_a_delta_file_and_a_positive_rank(teacher, runs):
     with pytest.raises(Exception, match="needs a ΔW .safetensors file"):
         load_student("x", f"{runs['sync']},rank=2", teacher)
+    with pytest.raises(Exception, match="no such ΔW file"):
+        load_student("x", f"{runs['sync'] / 'missing.safetensors'},rank=2", teacher)
     with pytest.raises(Exception, match="rank must be a positive integer"):
         load_student("x", f"{runs['sync'] / 'delta_weights.safetensors'},rank=0", teacher)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import filecmp
+import os
 
 import numpy as np
 import pytest
@@ -80,10 +81,12 @@ def test_the_fine_tune_resumes_to_the_same_weights_and_writes_a_teacher_like_fol
     for key, value in a.unet.state_dict().items():
         assert torch.allclose(value, b.unet.state_dict()[key], atol=1e-6), key
     moved = [k for k, v in a.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
-    assert moved and not any("motion_modules" in k for k in moved)  # only the spatial UNet was trained
-    for part in ("vae", "text_encoder", "motion_adapter", "scheduler", "tokenizer"):
-        cmp = filecmp.dircmp(teacher / part, tmp_path / "straight" / part)
-        assert not cmp.diff_files and not cmp.left_only, part
+    assert moved  # the spatial UNet was trained
+    for part in ("vae", "text_encoder", "motion_adapter", "scheduler", "tokenizer"):  # byte for byte
+        files = sorted(p.relative_to(teacher / part) for p in (teacher / part).rglob("*") if p.is_file())
+        match, mismatch, errors = filecmp.cmpfiles(teacher / part, tmp_path / "straight" / part,
+                                                   [str(f) for f in files], shallow=False)  # fmt: skip
+        assert files and not mismatch and not errors, part
     info = (tmp_path / "straight" / VARIANT_INFO).read_text()
     assert '"min_radius": 3.0' in info and np.isfinite(straight["loss_last_50"])
 
@@ -100,3 +103,31 @@ def test_the_script_reports_bad_settings_as_one_error_line(tmp_path, capsys):
     assert status == 2 and "error: radius bounds" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
     assert "--min-radius" in script.build_parser().format_help()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tmp_path):
+    teacher = tiny_teacher_folder()
+    finetune_variant(teacher, tmp_path / "v", dataclasses.replace(TINY, steps=2))
+    with pytest.raises(ConfigError, match="other settings .*max_radius"):
+        finetune_variant(teacher, tmp_path / "v", dataclasses.replace(TINY, steps=3, max_radius=5.0))
+    with pytest.raises(ConfigError, match="step 2, past --steps 1"):
+        finetune_variant(teacher, tmp_path / "v", dataclasses.replace(TINY, steps=1))
+
+
+def test_the_model_index_is_removed_first_and_moved_in_last(tmp_path, monkeypatch):
+    """A crash while the parts move leaves a folder without model_index.json (it does not load)."""
+    import perflow_video.evaluation.teacher_variant as tv
+
+    teacher = tiny_teacher_folder()
+    finetune_variant(teacher, tmp_path / "v", dataclasses.replace(TINY, steps=1))
+    moved, real_replace = [], os.replace
+    seen_marker_missing = []
+
+    def recording_replace(src, dst):
+        seen_marker_missing.append(not (tmp_path / "v" / "model_index.json").exists())
+        moved.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(tv.os, "replace", recording_replace)
+    finetune_variant(teacher, tmp_path / "v", dataclasses.replace(TINY, steps=1))  # rewrites the folder
+    assert moved[-1] == "model_index.json" and len(moved) > 5 and all(seen_marker_missing)

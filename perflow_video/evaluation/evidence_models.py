@@ -215,6 +215,8 @@ def load_student(name: str, run_dir: str, teacher: Teacher) -> StudentRun:
     if folder.suffix == ".safetensors" and folder.is_file():
         return load_delta_student(name, folder, teacher, rank)
     if rank is not None:
+        if folder.suffix == ".safetensors":
+            raise PathNotFoundError(f"--student {name}={run_dir}: no such ΔW file {folder}")
         raise ConfigError(f"--student {name}={run_dir}: ',rank=R' needs a ΔW .safetensors file")
     if not folder.is_dir():
         raise PathNotFoundError(f"--student {name}={run_dir}: no such folder or ΔW file")

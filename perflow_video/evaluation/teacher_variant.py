@@ -10,7 +10,8 @@ The VAE, text encoder, tokenizer, scheduler and motion adapter are copied unchan
 diffusers AnimateDiff folder like the teacher's, and a ΔW trained on the teacher can be added to it as is.
 
 :func:`finetune_variant` resumes from ``<out>/training/checkpoint.pt`` (written to a temporary name, then
-renamed) and writes the folder via a temporary sibling; :func:`object_area` measures what changed.
+renamed; a checkpoint of other settings is refused) and writes the folder so that a crash never leaves one
+that looks complete; :func:`object_area` measures what changed.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from perflow_video.toy.toy_clips import BACKGROUND
 
 VARIANT_INFO = "variant_info.json"
 CHECKPOINT = "checkpoint.pt"
+MODEL_INDEX = "model_index.json"  # its presence marks a complete diffusers folder
 
 
 @dataclass(frozen=True)
 class VariantConfig:
-    """What the variant learns and how (the defaults made ``docs/evidence/variant``)."""
+    """What the variant learns and how (the defaults made docs/evidence/tiny-variant-cfg5's variant)."""
 
     min_radius: float = 3.0  # the variant's objects: half-size bounds in pixels (the teacher's: 4.5 - 7)
     max_radius: float = 4.5
@@ -58,9 +60,11 @@ class VariantConfig:
             raise ConfigError(
                 f"radius bounds must satisfy 0 < min <= max, got {self.min_radius}, {self.max_radius}"
             )
-        for name in ("steps", "frames_per_step", "warmup"):
-            if getattr(self, name) < (0 if name == "warmup" else 1):
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("steps", "frames_per_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
 
     def world(self) -> ShapeWorld:
         """All 72 prompts, objects within the variant's radius bounds."""
@@ -117,11 +121,29 @@ def _lr_factor(step: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
-def _save_checkpoint(path: Path, parts: VariantParts, optimizer, step: int, losses: list[float]) -> None:
+def _run_identity(teacher: Path, config: VariantConfig) -> dict:
+    """What a checkpoint must agree on to be resumed: the teacher and every setting but the step count."""
+    return {"teacher": str(teacher), **{k: v for k, v in asdict(config).items() if k != "steps"}}
+
+
+def _save_checkpoint(path: Path, parts: VariantParts, optimizer, step: int, losses: list[float],
+                     identity: dict) -> None:  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_destination(path) as tmp:
         state = {"unet": parts.unet.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        torch.save({**state, "losses": losses}, tmp)
+        torch.save({**state, "losses": losses, "identity": identity}, tmp)
+
+
+def _check_resumable(path: Path, state: dict, identity: dict, steps: int) -> None:
+    """A checkpoint of another teacher or other settings, or past ``steps``, is an error naming the keys."""
+    differ = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
+    if differ:
+        raise ConfigError(
+            f"{path}: this checkpoint was made with other settings ({', '.join(differ)}); use another "
+            "--out or the same settings"
+        )
+    if state["step"] > steps:
+        raise ConfigError(f"{path}: the checkpoint is at step {state['step']}, past --steps {steps}")
 
 
 def finetune_variant(
@@ -139,10 +161,11 @@ def finetune_variant(
     parts = VariantParts.load(teacher)
     parts.unet.train()
     optimizer = torch.optim.AdamW(parts.unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    ckpt_path = out / "training" / CHECKPOINT
+    ckpt_path, identity = out / "training" / CHECKPOINT, _run_identity(teacher, config)
     step, losses = 0, []
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=True)
+        _check_resumable(ckpt_path, state, identity, config.steps)
         parts.unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
@@ -162,7 +185,7 @@ def finetune_variant(
         if progress is not None:
             progress(step, config.steps, losses[-1])
         if step % checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(ckpt_path, parts, optimizer, step, losses)
+            _save_checkpoint(ckpt_path, parts, optimizer, step, losses, identity)
     summary = {"teacher": str(teacher), "config": asdict(config), "steps_done": step,
                "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}  # fmt: skip
     write_variant_folder(teacher, out, parts.unet.eval(), summary)
@@ -174,15 +197,20 @@ def _mean(values: list[float]) -> float | None:
 
 
 def write_variant_folder(teacher: Path, out: Path, unet: UNet2DConditionModel, summary: dict) -> None:
-    """``teacher``'s folder with ``unet/`` replaced by ``unet`` and a ``variant_info.json``, written to a
-    temporary sibling and moved into ``out`` part by part (``out/training/`` is kept)."""
+    """``teacher``'s folder with ``unet/`` replaced by ``unet`` and a ``variant_info.json``.
+
+    Built in ``out/.variant.tmp`` and moved into ``out`` part by part (``out/training/`` is kept), with
+    ``model_index.json`` — what makes a folder a loadable model — removed first and moved in last: a crash
+    midway leaves a folder that does not load, never one that looks complete (a rerun finishes it).
+    """
     staging = out / ".variant.tmp"
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(teacher, staging, ignore=shutil.ignore_patterns("unet", "training", ".*"))
     unet.save_pretrained(staging / "unet", safe_serialization=True)
     (staging / VARIANT_INFO).write_text(json.dumps(summary, indent=2) + "\n")
-    for name in sorted(os.listdir(staging)):
+    (out / MODEL_INDEX).unlink(missing_ok=True)
+    for name in sorted(os.listdir(staging), key=lambda n: (n == MODEL_INDEX, n)):
         dest = out / name
         if dest.is_dir():
             shutil.rmtree(dest)
