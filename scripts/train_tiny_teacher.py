@@ -225,6 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
         "differ, so the loss can fall only by reading the direction from the caption. --batch-size must be "
         "even [off]",
     )
+    a(
+        "--init-from",
+        default="",
+        help="start the teacher stage from this teacher folder (diffusers layout, e.g. the packaged "
+        "perflow_video/tiny/assets/tiny_teacher): its VAE is used as is (no VAE stage), its text encoder, UNet "
+        "and motion adapter are the initial weights and EMA, the step count continues from its "
+        "teacher_info.json. Ignored once <out>/training/checkpoint.pt exists (resume) ['']",
+    )
+    a(
+        "--separate-words",
+        default="",
+        help="comma-separated caption words whose input embeddings are re-drawn, with --init-from, as "
+        "orthogonal vectors of norm --separate-norm (seeded): words the encoder keeps too close to tell "
+        "apart (docs/tiny_teacher.md: the direction words) then start with distinct hidden states ['']",
+    )
+    a(
+        "--separate-norm",
+        type=float,
+        default=1.0,
+        help="norm of the re-drawn embeddings of --separate-words (the trained colour words: ~0.5) "
+        "[%(default)s]",
+    )
+    a(
+        "--x0-weight-max",
+        type=float,
+        default=1.0,
+        help="weight of the video epsilon loss at timestep t: min(max, max(1, (1 - abar_t) / abar_t)), "
+        "i.e. the x0 error where the noise dominates (where the caption decides the path), capped. "
+        "The optimum per t is unchanged. 1 = plain epsilon loss [%(default)s]",
+    )
     a("--warmup", type=int, default=300, help="linear warm-up steps [%(default)s]")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay [%(default)s]")
     a("--grad-clip", type=float, default=1.0, help="gradient norm clip [%(default)s]")
@@ -698,6 +728,54 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     return F.mse_loss(pred, noise)
 
 
+def video_loss_weights(t: torch.Tensor, alphas: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weights of the video epsilon loss: min(cap, max(1, (1 - abar_t) / abar_t)).
+
+    (1 - abar) / abar * |eps_hat - eps|^2 = |x0_hat - x0|^2: above the t where the SNR is 1 the weighted loss
+    is the x0 error, which the plain epsilon loss shrinks by the SNR exactly where the noise hides the path.
+    """
+    a = alphas[t].double()
+    return ((1 - a) / a).clamp(min=1.0, max=cap).float()
+
+
+def init_from_teacher(folder: Path, arch: TeacherArch, unet, encoder) -> int:
+    """Loads a teacher folder's text encoder and UNet + motion adapter into ``unet`` / ``encoder`` (same
+    architecture, checked) and returns its training step."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from transformers import CLIPTextModel
+
+    info_path = folder / "teacher_info.json"
+    if not info_path.is_file():
+        raise SystemExit(f"--init-from {folder}: no teacher_info.json (not a train_tiny_teacher.py folder)")
+    info = json.loads(info_path.read_text())
+    if info["arch"] != arch.to_json():
+        raise SystemExit(f"--init-from {folder}: its architecture {info['arch']} differs from this run's")
+    loaded = UNetMotionModel.from_unet2d(
+        UNet2DConditionModel.from_pretrained(folder / "unet"),
+        MotionAdapter.from_pretrained(folder / "motion_adapter"),
+    )
+    unet.load_state_dict(loaded.state_dict(), strict=True)
+    encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(), strict=True)
+    return int(info["step"])
+
+
+def separate_word_embeddings(encoder, words: list[str], norm: float, seed: int) -> None:
+    """Re-draws the input embeddings of ``words`` as orthogonal vectors of length ``norm`` (seeded)."""
+    tok = tiny_tokenizer()
+    ids = []
+    for w in words:
+        pieces = tok(w).input_ids[1:-1]
+        if len(pieces) != 1:
+            raise SystemExit(f"--separate-words: {w!r} is not one token of the tiny tokenizer")
+        ids.append(pieces[0])
+    weight = encoder.get_input_embeddings().weight
+    if len(ids) > weight.shape[1]:
+        raise SystemExit(f"--separate-words: {len(ids)} words but the embeddings have {weight.shape[1]} dims")
+    basis, _ = torch.linalg.qr(torch.randn(weight.shape[1], len(ids), generator=_gen(seed, 0x5E9)))
+    with torch.no_grad():
+        weight[ids] = norm * basis.T.to(weight.dtype)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -722,7 +800,9 @@ def train_teacher(
         groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     ckpt_path = train_dir / "checkpoint.pt"
-    step = clips_seen = 0  # clips_seen: where the clip stream continues (--batch-size may change on resume)
+    step = clips_seen = warm_start = (
+        0  # warm_start: step the warm-up counts from; clips_seen: where the clip stream continues (--batch-size may change on resume)
+    )
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["arch"] != arch.to_json():
@@ -734,14 +814,28 @@ def train_teacher(
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         clips_seen = ck.get("clips_seen", step * ck["args"]["batch_size"])
+        warm_start = ck.get("warm_start", 0)
         print(f"teacher: resumed at step {step} ({clips_seen} clips seen)", flush=True)
         _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
+    elif args.init_from:
+        step = init_from_teacher(Path(args.init_from), arch, unet, encoder)
+        clips_seen, warm_start = step * args.batch_size, step
+        words = [w for w in args.separate_words.split(",") if w]
+        if words:
+            separate_word_embeddings(encoder, words, args.separate_norm, args.seed)
+        ema_unet.load_state_dict(unet.state_dict())
+        ema_text.load_state_dict(encoder.state_dict())
+        print(
+            f"teacher: initialised from {args.init_from} (step {step}; re-drawn words: {words})", flush=True
+        )
+        _append_jsonl(metrics, {"kind": "init_from", "folder": args.init_from, "step": step, "words": words})
 
     def save_ckpt() -> None:
         _save_torch_atomic(
             {
                 "step": step,
                 "clips_seen": clips_seen,
+                "warm_start": warm_start,
                 "arch": arch.to_json(),
                 "args": vars(args)
                 | {"vae_channels": list(args.vae_channels), "unet_channels": list(args.unet_channels)},
@@ -778,7 +872,7 @@ def train_teacher(
         if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
             break
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1) / max(args.warmup, 1))
+            g["lr"] = g["base_lr"] * min(1.0, (step + 1 - warm_start) / max(args.warmup, 1))
         gen = _gen(args.seed, 0x7EAC, step)
         clips, captions, t = video_batch(world, clips_seen, args, step, gen, sched.config.num_train_timesteps)
         z0 = encode_clips(vae, clips, gen)
@@ -787,8 +881,9 @@ def train_teacher(
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
         pred = unet(zt, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred, noise)
-        total = loss
+        per_clip = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
+        loss = per_clip.mean()
+        total = (video_loss_weights(t, alphas, args.x0_weight_max) * per_clip).mean()
         if unet2d is not None and step >= args.image_start_step:
             img_loss = image_loss(unet2d, vae, text, image_world, step, args, alphas)
             image_losses.append(img_loss.item())
@@ -887,6 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print(f"train_tiny_teacher: pid {os.getpid()}, out {out}, arch {json.dumps(arch.to_json())}", flush=True)
+    if args.init_from and not (train_dir / "vae" / "config.json").exists():
+        src = Path(args.init_from) / "vae"
+        if not (src / "config.json").is_file():
+            parser.error(f"--init-from {args.init_from}: no vae/config.json there")
+        shutil.copytree(src, train_dir / ".vae.tmp", dirs_exist_ok=True)
+        _replace_dir(train_dir / ".vae.tmp", train_dir / "vae")
     vae = fit_vae(args, arch, cfg, train_dir, metrics)
     if vae is None:
         print("stopped during the VAE stage; run again to resume", flush=True)
