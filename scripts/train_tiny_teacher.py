@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from perflow_video.atomic_files import atomic_destination  # noqa: E402
+from perflow_video.errors import exit_status_of  # noqa: E402
 from perflow_video.tiny.teacher_models import (  # noqa: E402
     TeacherArch,
     split_unet_motion,
@@ -59,6 +60,12 @@ from perflow_video.tiny.teacher_models import (  # noqa: E402
     teacher_unet,
     teacher_unet_motion,
     teacher_vae,
+)
+from perflow_video.tiny.teacher_training import (  # noqa: E402
+    draw_timesteps,
+    load_teacher_weights,
+    separate_word_embeddings,
+    video_loss_weights,
 )
 from perflow_video.tiny.tiny_models import tiny_tokenizer  # noqa: E402
 from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
@@ -689,14 +696,6 @@ def tied_image_unet(unet_motion, arch: TeacherArch):
     return unet2d
 
 
-def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """``n`` training timesteps: uniform, or ``high`` (density proportional to t + 1/2: t = floor(T sqrt(u)))."""
-    if kind == "uniform":
-        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
-    u = torch.rand(n, generator=gen)
-    return (num_train_timesteps * u.sqrt()).floor().long().clamp(max=num_train_timesteps - 1)
-
-
 def t_kind(args, step: int) -> str:
     return args.t_sampling if step >= args.t_sampling_start_step else "uniform"
 
@@ -726,54 +725,6 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     hidden = text(captions) if args.image_text_grad else text(captions).detach()
     pred = unet2d(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
     return F.mse_loss(pred, noise)
-
-
-def video_loss_weights(t: torch.Tensor, alphas: torch.Tensor, cap: float) -> torch.Tensor:
-    """Per-sample weights of the video epsilon loss: min(cap, max(1, (1 - abar_t) / abar_t)).
-
-    (1 - abar) / abar * |eps_hat - eps|^2 = |x0_hat - x0|^2: above the t where the SNR is 1 the weighted loss
-    is the x0 error, which the plain epsilon loss shrinks by the SNR exactly where the noise hides the path.
-    """
-    a = alphas[t].double()
-    return ((1 - a) / a).clamp(min=1.0, max=cap).float()
-
-
-def init_from_teacher(folder: Path, arch: TeacherArch, unet, encoder) -> int:
-    """Loads a teacher folder's text encoder and UNet + motion adapter into ``unet`` / ``encoder`` (same
-    architecture, checked) and returns its training step."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-    from transformers import CLIPTextModel
-
-    info_path = folder / "teacher_info.json"
-    if not info_path.is_file():
-        raise SystemExit(f"--init-from {folder}: no teacher_info.json (not a train_tiny_teacher.py folder)")
-    info = json.loads(info_path.read_text())
-    if info["arch"] != arch.to_json():
-        raise SystemExit(f"--init-from {folder}: its architecture {info['arch']} differs from this run's")
-    loaded = UNetMotionModel.from_unet2d(
-        UNet2DConditionModel.from_pretrained(folder / "unet"),
-        MotionAdapter.from_pretrained(folder / "motion_adapter"),
-    )
-    unet.load_state_dict(loaded.state_dict(), strict=True)
-    encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(), strict=True)
-    return int(info["step"])
-
-
-def separate_word_embeddings(encoder, words: list[str], norm: float, seed: int) -> None:
-    """Re-draws the input embeddings of ``words`` as orthogonal vectors of length ``norm`` (seeded)."""
-    tok = tiny_tokenizer()
-    ids = []
-    for w in words:
-        pieces = tok(w).input_ids[1:-1]
-        if len(pieces) != 1:
-            raise SystemExit(f"--separate-words: {w!r} is not one token of the tiny tokenizer")
-        ids.append(pieces[0])
-    weight = encoder.get_input_embeddings().weight
-    if len(ids) > weight.shape[1]:
-        raise SystemExit(f"--separate-words: {len(ids)} words but the embeddings have {weight.shape[1]} dims")
-    basis, _ = torch.linalg.qr(torch.randn(weight.shape[1], len(ids), generator=_gen(seed, 0x5E9)))
-    with torch.no_grad():
-        weight[ids] = norm * basis.T.to(weight.dtype)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -818,11 +769,11 @@ def train_teacher(
         print(f"teacher: resumed at step {step} ({clips_seen} clips seen)", flush=True)
         _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
     elif args.init_from:
-        step = init_from_teacher(Path(args.init_from), arch, unet, encoder)
+        step = load_teacher_weights(Path(args.init_from), arch, unet, encoder)
         clips_seen, warm_start = step * args.batch_size, step
         words = [w for w in args.separate_words.split(",") if w]
         if words:
-            separate_word_embeddings(encoder, words, args.separate_norm, args.seed)
+            separate_word_embeddings(encoder, words, args.separate_norm, _gen(args.seed, 0x5E9))
         ema_unet.load_state_dict(unet.state_dict())
         ema_text.load_state_dict(encoder.state_dict())
         print(
@@ -993,8 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped during the VAE stage; run again to resume", flush=True)
         return 0
     vae.requires_grad_(False)
-    train_teacher(args, arch, cfg, vae, out, train_dir, metrics)
-    return 0
+    return exit_status_of(lambda: train_teacher(args, arch, cfg, vae, out, train_dir, metrics) and 0, False)
 
 
 if __name__ == "__main__":

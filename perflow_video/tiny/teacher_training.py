@@ -1,0 +1,97 @@
+"""The pieces of the tiny teacher's training recipe that are math or weight surgery (``scripts/train_tiny_teacher.py``
+runs the loop; ``docs/tiny_teacher.md`` says why each exists):
+
+* :func:`draw_timesteps` - uniform, or ``high`` (density rising linearly with t);
+* :func:`video_loss_weights` - the epsilon loss turned into the x0 error where the noise dominates, capped;
+* :func:`separate_word_embeddings` - re-draws caption words' input embeddings as orthogonal vectors, so words
+  the encoder keeps too close to tell apart start with distinct hidden states;
+* :func:`load_teacher_weights` - a teacher folder's text encoder and UNet + motion adapter, into models of
+  the same :class:`~perflow_video.tiny.teacher_models.TeacherArch` (to continue training from it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from transformers import CLIPTextModel
+
+from perflow_video.errors import ConfigError
+from perflow_video.tiny.teacher_models import TeacherArch
+from perflow_video.tiny.tiny_models import tiny_tokenizer
+
+__all__ = ["draw_timesteps", "load_teacher_weights", "separate_word_embeddings", "video_loss_weights"]
+
+
+def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``n`` training timesteps: ``uniform``, or ``high`` (density proportional to t + 1/2:
+    t = floor(T sqrt(u)), so 75 % of the draws lie above T / 2)."""
+    if kind == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    if kind != "high":
+        raise ConfigError(f"timestep sampling must be 'uniform' or 'high', got {kind!r}")
+    u = torch.rand(n, generator=gen)
+    return (num_train_timesteps * u.sqrt()).floor().long().clamp(max=num_train_timesteps - 1)
+
+
+def video_loss_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weights min(cap, max(1, (1 - abar_t) / abar_t)) of the epsilon loss.
+
+    With x0_hat = (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar), (1 - abar) / abar * |eps_hat - eps|^2 equals
+    |x0_hat - x0|^2: above the t where the SNR abar / (1 - abar) is 1 the weighted loss is the x0 error, which
+    the plain epsilon loss shrinks by the SNR exactly where the noise hides the object's path. The optimum at
+    each t (the conditional mean) is unchanged; ``cap`` = 1 gives the plain epsilon loss.
+    """
+    if cap < 1:
+        raise ConfigError(f"the x0 weight cap must be >= 1 (1 = plain epsilon loss), got {cap}")
+    a = alphas_cumprod[t].double()
+    return ((1 - a) / a).clamp(min=1.0, max=cap).float()
+
+
+def separate_word_embeddings(
+    encoder: CLIPTextModel, words: list[str], norm: float, gen: torch.Generator
+) -> None:
+    """Re-draws the input embeddings of ``words`` (one tiny-tokenizer token each) as orthonormal vectors
+    scaled to ``norm``, drawn from ``gen``; every other row is left as it is."""
+    tok = tiny_tokenizer()
+    ids = []
+    for word in words:
+        pieces = tok(word).input_ids[1:-1]
+        if len(pieces) != 1:
+            raise ConfigError(
+                f"--separate-words: {word!r} is {len(pieces)} tokens of the tiny tokenizer, not 1"
+            )
+        ids.append(pieces[0])
+    weight = encoder.get_input_embeddings().weight
+    if len(set(ids)) > weight.shape[1]:
+        raise ConfigError(
+            f"--separate-words: {len(ids)} words, but the embeddings have {weight.shape[1]} dims"
+        )
+    basis, _ = torch.linalg.qr(torch.randn(weight.shape[1], len(ids), generator=gen, dtype=torch.float64))
+    with torch.no_grad():
+        weight[ids] = (norm * basis.T).to(weight.dtype)
+
+
+def load_teacher_weights(
+    folder: Path, arch: TeacherArch, unet: UNetMotionModel, encoder: CLIPTextModel
+) -> int:
+    """Loads ``folder``'s (a ``train_tiny_teacher.py`` output) text encoder and UNet + motion adapter into
+    ``unet`` and ``encoder`` (strict), after checking its ``teacher_info.json`` names ``arch``; returns the
+    training step it records."""
+    info_path = folder / "teacher_info.json"
+    if not info_path.is_file():
+        raise ConfigError(f"--init-from {folder}: no teacher_info.json (not a train_tiny_teacher.py folder)")
+    info = json.loads(info_path.read_text())
+    if info.get("arch") != arch.to_json():
+        raise ConfigError(
+            f"--init-from {folder}: its architecture {info.get('arch')} is not this run's {arch.to_json()}"
+        )
+    loaded = UNetMotionModel.from_unet2d(
+        UNet2DConditionModel.from_pretrained(folder / "unet"),
+        MotionAdapter.from_pretrained(folder / "motion_adapter"),
+    )
+    unet.load_state_dict(loaded.state_dict(), strict=True)
+    encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict(), strict=True)
+    return int(info["step"])

@@ -1,0 +1,149 @@
+"""The tiny teacher's recipe pieces (perflow_video/tiny/teacher_training.py) and the training script's
+--init-from / --separate-words / --x0-weight-max path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from perflow_video.errors import ConfigError
+from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
+from perflow_video.tiny.teacher_models import (
+    TeacherArch,
+    teacher_scheduler,
+    teacher_text_encoder,
+    teacher_unet_motion,
+)
+from perflow_video.tiny.teacher_training import (
+    draw_timesteps,
+    load_teacher_weights,
+    separate_word_embeddings,
+    video_loss_weights,
+)
+from perflow_video.tiny.tiny_models import tiny_tokenizer
+
+ALPHAS = teacher_scheduler().alphas_cumprod
+
+
+def test_weighted_epsilon_loss_is_the_x0_error_where_the_snr_is_below_one():
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([50, 400, 700, 999])
+    x0, eps, eps_hat = (torch.randn(4, 4, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    a = ALPHAS[t].double().view(-1, 1, 1, 1, 1)
+    z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    eps_err = (eps_hat - eps).pow(2).mean(dim=(1, 2, 3, 4))
+    x0_err = (x0_hat - x0).pow(2).mean(dim=(1, 2, 3, 4))
+    w = video_loss_weights(t, ALPHAS, cap=1e9).double()
+    snr = (a / (1 - a)).flatten()
+    for i in range(4):
+        if snr[i] < 1:
+            torch.testing.assert_close(w[i] * eps_err[i], x0_err[i], rtol=1e-5, atol=0)
+        else:
+            assert w[i] == 1.0
+    capped = video_loss_weights(t, ALPHAS, cap=20.0)
+    assert capped[-1] == 20.0 and capped[0] == 1.0
+    assert torch.equal(video_loss_weights(t, ALPHAS, cap=1.0), torch.ones(4))
+    with pytest.raises(ConfigError, match="cap"):
+        video_loss_weights(t, ALPHAS, cap=0.5)
+
+
+def test_high_timesteps_put_three_quarters_above_the_middle():
+    t = draw_timesteps(40_000, torch.Generator().manual_seed(1), "high")
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs((t >= 500).float().mean().item() - 0.75) < 0.01
+    u = draw_timesteps(40_000, torch.Generator().manual_seed(1), "uniform")
+    assert abs((u >= 500).float().mean().item() - 0.5) < 0.01
+    with pytest.raises(ConfigError, match="uniform"):
+        draw_timesteps(3, torch.Generator(), "low")
+
+
+def test_separated_words_are_orthogonal_of_the_given_norm_and_nothing_else_moves():
+    encoder = teacher_text_encoder(TeacherArch())
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    words = ["left", "right", "up", "down"]
+    separate_word_embeddings(encoder, words, 1.5, torch.Generator().manual_seed(3))
+    after = encoder.get_input_embeddings().weight.detach()
+    ids = [tiny_tokenizer()(w).input_ids[1] for w in words]
+    rows = after[ids].double()
+    torch.testing.assert_close(rows @ rows.T, 1.5**2 * torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(after[others], before[others])
+    # the encoder's hidden states at the direction word now differ by about the embeddings' distance
+    tok = tiny_tokenizer()
+    hidden = [encoder(tok(f"a red circle moving {w}", return_tensors="pt").input_ids)[0][0, 5] for w in words]
+    assert (hidden[0] - hidden[1]).norm() > 0.5
+    with pytest.raises(ConfigError, match="tokens"):
+        separate_word_embeddings(encoder, ["leftward-ish"], 1.0, torch.Generator())
+
+
+def test_teacher_weights_load_into_the_same_architecture_and_refuse_another(tmp_path: Path):
+    folder = tiny_teacher_folder()
+    arch = TeacherArch()
+    unet, encoder = teacher_unet_motion(arch, seed=5), teacher_text_encoder(arch, seed=6)
+    step = load_teacher_weights(folder, arch, unet, encoder)
+    assert step == json.loads((folder / "teacher_info.json").read_text())["step"]
+    from transformers import CLIPTextModel
+
+    ref = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in encoder.state_dict().items())
+    from safetensors.torch import load_file
+
+    motion = load_file(folder / "motion_adapter" / "diffusion_pytorch_model.safetensors")
+    state = unet.state_dict()
+    for key, value in motion.items():  # adapter keys 'down_blocks.0.motion_modules...' are the UNet's own
+        assert torch.equal(state[key], value), key
+    other = TeacherArch(unet_channels=(32, 64, 96))
+    with pytest.raises(ConfigError, match="architecture"):
+        load_teacher_weights(folder, other, teacher_unet_motion(other), teacher_text_encoder(other))
+    with pytest.raises(ConfigError, match="teacher_info.json"):
+        load_teacher_weights(tmp_path, arch, unet, encoder)
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_teacher.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_teacher", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: Path):
+    """Two steps from the packaged teacher: the step count continues from its teacher_info.json, the VAE
+    is its own (no VAE stage), the exported teacher keeps the re-drawn direction words apart."""
+    script = _script()
+    out = tmp_path / "run"
+    start = json.loads((tiny_teacher_folder() / "teacher_info.json").read_text())["step"]
+    argv = [
+        "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--separate-words", "left,right",
+        "--separate-norm", "2.0", "--x0-weight-max", "20", "--steps", str(start + 2), "--batch-size", "2",
+        "--reversal-pairs", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
+        "--eval-steps", "2", "--checkpoint-minutes", "100",
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    assert json.loads((out / "teacher_info.json").read_text())["step"] == start + 2
+    vae_src = tiny_teacher_folder() / "vae" / "diffusion_pytorch_model.safetensors"
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_src.read_bytes()
+    from transformers import CLIPTextModel
+
+    emb = CLIPTextModel.from_pretrained(out / "text_encoder").get_input_embeddings().weight
+    ids = [tiny_tokenizer()(w).input_ids[1] for w in ("left", "right")]
+    assert abs(emb[ids[0]].norm().item() - 2.0) < 0.05  # two steps of lr warm-up barely move them
+    assert abs(emb[ids[0]] @ emb[ids[1]]) < 0.05
+    records = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "init_from" and r["step"] == start for r in records)
+
+
+def test_script_names_a_folder_without_a_vae(tmp_path: Path, capsys):
+    script = _script()
+    empty = tmp_path / "not-a-teacher"
+    shutil.copytree(tiny_teacher_folder() / "text_encoder", empty / "text_encoder")
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path / "run"), "--init-from", str(empty)])
+    assert "vae/config.json" in capsys.readouterr().err
