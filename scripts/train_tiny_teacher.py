@@ -67,7 +67,7 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     separate_word_embeddings,
     video_loss_weights,
 )
-from perflow_video.tiny.tiny_models import tiny_tokenizer  # noqa: E402
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
 from perflow_video.toy.shape_world import (  # noqa: E402
     ALL_PROMPTS,

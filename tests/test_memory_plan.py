@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 
 from perflow_video.architectures import architecture_dir
 from perflow_video.families import get_family
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 from perflow_video.training.frozen_models import place_frozen_models
 from perflow_video.training.memory_plan import (
     GB,

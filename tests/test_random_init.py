@@ -24,7 +24,8 @@ from perflow_video.families.loading import (
     read_component_config,
     shipped_configs,
 )
-from perflow_video.tiny.tiny_models import save_tiny_model, tiny_tokenizer
+from perflow_video.tiny.tiny_models import save_tiny_model
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 from perflow_video.training.config_io import ConfigError
 from perflow_video.training.memory_plan import memory_plan
 from perflow_video.training.preflight import check_before_loading

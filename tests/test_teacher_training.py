@@ -25,7 +25,7 @@ from perflow_video.tiny.teacher_training import (
     separate_word_embeddings,
     video_loss_weights,
 )
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 ALPHAS = teacher_scheduler().alphas_cumprod
 

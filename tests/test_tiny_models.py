@@ -18,15 +18,17 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
 from perflow_video.tiny.tiny_models import (
-    TINY_TOKENIZER_DIR,
-    TINY_WORDS,
     save_tiny_model,
     tiny_pipeline,
     tiny_scheduler,
-    tiny_tokenizer,
     tiny_unet,
     tiny_unet_motion,
     tiny_vae,
+)
+from perflow_video.tiny.tiny_tokenizer import (
+    TINY_TOKENIZER_DIR,
+    TINY_WORDS,
+    tiny_tokenizer,
     write_tiny_tokenizer_files,
 )
 

@@ -21,13 +21,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from perflow_video.architectures import component_config
 from perflow_video.families.animatediff import with_motion_module_betas
-from perflow_video.tiny.tiny_models import (
-    tiny_motion_adapter,
-    tiny_text_encoder,
-    tiny_tokenizer,
-    tiny_unet,
-    tiny_vae,
-)
+from perflow_video.tiny.tiny_models import tiny_motion_adapter, tiny_text_encoder, tiny_unet, tiny_vae
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 ModelSize = Literal["full", "tiny"]
 MODEL_SIZES: tuple[str, ...] = ("full", "tiny")

@@ -32,7 +32,7 @@ from perflow_video.errors import ConfigError, WeightsNotFoundError
 from perflow_video.families.base import missing_weights_error
 from perflow_video.family_names import FamilyName
 from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 #: The embedded random tiny model of each family (built into :func:`tiny_cache_dir`).
 TINY_PREFIX = "tiny"

@@ -23,7 +23,7 @@ from perflow_video.families.loading import (
     shipped_configs,
 )
 from perflow_video.method.teacher_solver import Conditioning
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 FLAG = "model.pretrained_model_name_or_path"
 

@@ -28,7 +28,7 @@ from perflow_video.families.loading import (
 )
 from perflow_video.family_names import FamilyName
 from perflow_video.method.teacher_solver import Conditioning
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 FLAG = "model.pretrained_model_name_or_path"

@@ -29,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
     "TEACHER_SCHEDULER_CONFIG",

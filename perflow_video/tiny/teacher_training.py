@@ -20,7 +20,7 @@ from transformers import CLIPTextModel
 
 from perflow_video.errors import ConfigError
 from perflow_video.tiny.teacher_models import TeacherArch
-from perflow_video.tiny.tiny_models import tiny_tokenizer
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = ["draw_timesteps", "load_teacher_weights", "separate_word_embeddings", "video_loss_weights"]
 

@@ -32,15 +32,12 @@ Folder layout written by :func:`save_tiny_model` (diffusers format, safetensors)
       adapter = MotionAdapter.from_pretrained(folder / "motion_adapter")
       pipe = AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter)
 
-Run ``python -m perflow_video.tiny.tiny_models`` to regenerate the bundled tokenizer files in
-``perflow_video/tiny/assets/tiny_clip_tokenizer`` (deterministic; a test checks they are up to date).
+The tokenizer is :mod:`perflow_video.tiny.tiny_tokenizer`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +57,11 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from perflow_video.family_names import FAMILY_NAMES, FamilyName
+from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
     "FAMILIES",
     "SEED_OFFSETS",
-    "TINY_TOKENIZER_DIR",
-    "TINY_WORDS",
     "save_tiny_model",
     "tiny_components",
     "tiny_motion_adapter",
@@ -73,11 +69,9 @@ __all__ = [
     "tiny_scheduler",
     "tiny_text_encoder",
     "tiny_text_encoder_2",
-    "tiny_tokenizer",
     "tiny_unet",
     "tiny_unet_motion",
     "tiny_vae",
-    "write_tiny_tokenizer_files",
 ]
 
 #: Model families with a tiny default. ``animatediff`` = SD1.5 + motion adapter.
@@ -91,134 +85,6 @@ SEED_OFFSETS: dict[str, int] = {
     "text_encoder_2": 3,
     "motion_adapter": 4,
 }
-
-TINY_TOKENIZER_DIR: Path = Path(__file__).resolve().parent / "assets" / "tiny_clip_tokenizer"
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------
-
-_WORD_GROUPS: dict[str, str] = {
-    "colors": "red green blue yellow white black orange purple pink cyan magenta gray grey brown violet gold "
-    "silver colorful",
-    "shapes and objects": "circle circles square squares triangle triangles ball balls box boxes star stars "
-    "ring rings dot dots disk cube sphere rectangle line lines cross heart diamond blob shape shapes object "
-    "objects stripe stripes pattern cat dog bird fish car tree flower person sun moon",
-    "directions and motions": "moving moves move motion left right up down upward downward diagonally "
-    "diagonal bouncing bounces spinning spins rotating turning growing shrinking still static slowly slow "
-    "quickly quick fast across around toward towards back forth falling rising sliding drifting orbiting "
-    "zooming pulsing flying walking running jumping floating camera pan zoom",
-    "generic": "a an the on in of and with at over under to from is it its video photo clip image frame "
-    "scene background foreground dark light bright small large big tiny huge one two three sky sea water "
-    "grass field street room night day",
-    "prompt quality words": "high low quality best worst detailed blurry bad ugly text watermark realistic "
-    "cartoon simple masterpiece",
-}
-#: Words that are single tokens of the tiny tokenizer (anything else is still encodable, byte by byte).
-TINY_WORDS: tuple[str, ...] = tuple(w for group in _WORD_GROUPS.values() for w in group.split())
-
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-def _learn_bpe_merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """Classic (Sennrich) BPE on a word list until every word is a single symbol.
-
-    Each word counts once; the most frequent adjacent pair is merged first, ties broken by the pair's
-    lexicographic order, so the result is deterministic. Because encoding applies merges in the same rank
-    order, every training word encodes to exactly one ``word</w>`` token.
-    """
-    byte_char = _bytes_to_unicode()
-    seqs = []
-    for word in sorted(set(words)):
-        chars = [byte_char[b] for b in word.encode("utf-8")]
-        seqs.append(chars[:-1] + [chars[-1] + "</w>"])
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        for seq in seqs:
-            counts.update(zip(seq, seq[1:], strict=False))
-        if not counts:
-            return merges
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        for k, seq in enumerate(seqs):
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
-                    out.append(seq[i] + seq[i + 1])
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            seqs[k] = out
-
-
-def write_tiny_tokenizer_files(
-    folder: str | Path = TINY_TOKENIZER_DIR, words: Iterable[str] = TINY_WORDS
-) -> Path:
-    """Write the files of the tiny CLIP tokenizer (same layout as ``openai/clip-vit-large-patch14``).
-
-    The vocabulary is laid out like CLIP's: the 256 byte-level symbols, the same 256 with ``</w>``, one token
-    per BPE merge, then ``<|startoftext|>`` and ``<|endoftext|>`` last.
-
-    Args:
-        folder: Output folder (created if needed). Defaults to the bundled asset folder.
-        words: Words that must become single tokens.
-
-    Returns:
-        The folder.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    base = list(_bytes_to_unicode().values())
-    merges = _learn_bpe_merges(words)
-    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [_BOS, _EOS]
-    vocab: dict[str, int] = {}
-    for tok in tokens:  # two merges can spell the same string; keep ids contiguous
-        vocab.setdefault(tok, len(vocab))
-
-    def dump(name: str, obj: dict) -> None:
-        (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    dump("vocab.json", vocab)
-    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
-    special = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
-    dump("special_tokens_map.json", special)
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,  # CLIP's context length, as in every SD tokenizer
-        **special,
-        "add_prefix_space": False,
-        "do_lower_case": True,
-        "errors": "replace",
-    }
-    dump("tokenizer_config.json", config)
-    return folder
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """Load the bundled tiny CLIP tokenizer (about 900 tokens, ``model_max_length`` 77, pads with EOS).
-
-    Returns:
-        A ``transformers.CLIPTokenizer`` loaded from ``perflow_video/tiny/assets/tiny_clip_tokenizer``.
-    """
-    return CLIPTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Model builders
@@ -598,7 +464,3 @@ def save_tiny_model(family: str, folder: str | Path, seed: int = 0) -> Path:
     if adapter is not None:
         adapter.save_pretrained(folder / "motion_adapter", safe_serialization=True)
     return folder
-
-
-if __name__ == "__main__":
-    print(f"wrote {write_tiny_tokenizer_files()}")
