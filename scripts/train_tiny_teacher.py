@@ -63,6 +63,7 @@ from perflow_video.tiny.teacher_models import (  # noqa: E402
 )
 from perflow_video.tiny.teacher_training import (  # noqa: E402
     draw_timesteps,
+    epsilon_errors,
     load_teacher_weights,
     separate_word_embeddings,
     video_loss_weights,
@@ -721,10 +722,8 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
         z0 = vae.encode(frames).latent_dist.sample(generator=gen) * vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=gen)
     t = draw_timesteps(n, gen, t_kind(args, step), len(alphas))
-    a = alphas[t].view(-1, 1, 1, 1)
     hidden = text(captions) if args.image_text_grad else text(captions).detach()
-    pred = unet2d(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
-    return F.mse_loss(pred, noise)
+    return epsilon_errors(unet2d, z0, noise, t, hidden, alphas).mean()
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -828,11 +827,8 @@ def train_teacher(
         clips, captions, t = video_batch(world, clips_seen, args, step, gen, sched.config.num_train_timesteps)
         z0 = encode_clips(vae, clips, gen)
         noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
-        pred = unet(zt, t, encoder_hidden_states=hidden).sample
-        per_clip = (pred - noise).pow(2).mean(dim=(1, 2, 3, 4))
+        per_clip = epsilon_errors(unet, z0, noise, t, hidden, alphas)
         loss = per_clip.mean()
         total = (video_loss_weights(t, alphas, args.x0_weight_max) * per_clip).mean()
         if unet2d is not None and step >= args.image_start_step:

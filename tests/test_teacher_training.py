@@ -21,6 +21,7 @@ from perflow_video.tiny.teacher_models import (
 )
 from perflow_video.tiny.teacher_training import (
     draw_timesteps,
+    epsilon_errors,
     load_teacher_weights,
     separate_word_embeddings,
     video_loss_weights,
@@ -51,6 +52,32 @@ def test_weighted_epsilon_loss_is_the_x0_error_where_the_snr_is_below_one():
     assert torch.equal(video_loss_weights(t, ALPHAS, cap=1.0), torch.ones(4))
     with pytest.raises(ConfigError, match="cap"):
         video_loss_weights(t, ALPHAS, cap=0.5)
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the exact noise of z_t for a known z0: its epsilon error is 0 iff z_t was built right."""
+
+    def __init__(self, z0: torch.Tensor, alphas: torch.Tensor) -> None:
+        super().__init__()
+        self.z0, self.alphas = z0, alphas
+
+    def forward(self, z_t, t, encoder_hidden_states):  # noqa: ARG002
+        a = self.alphas[t].view(-1, *([1] * (z_t.dim() - 1)))
+        return type("Out", (), {"sample": (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()})()
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (3, 4, 5, 8, 8)])
+def test_epsilon_errors_vanish_for_the_true_noise_and_are_per_sample(shape):
+    g = torch.Generator().manual_seed(2)
+    z0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.tensor([3, 500, 990])
+    hidden = torch.zeros(3, 77, 32)
+    assert epsilon_errors(_Oracle(z0, ALPHAS), z0, noise, t, hidden, ALPHAS).abs().max() < 1e-4
+    off = epsilon_errors(_Oracle(z0 + 1.0, ALPHAS), z0, noise, t, hidden, ALPHAS)
+    a = ALPHAS[t]
+    torch.testing.assert_close(
+        off, a / (1 - a), rtol=1e-4, atol=0
+    )  # shifted x0 by 1 -> eps off by sqrt(a/(1-a))
 
 
 def test_high_timesteps_put_three_quarters_above_the_middle():

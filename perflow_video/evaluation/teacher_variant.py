@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from perflow_video.atomic_files import atomic_destination
 from perflow_video.errors import ConfigError
+from perflow_video.tiny.teacher_training import draw_timesteps, epsilon_errors
 from perflow_video.toy.probe import FOREGROUND_DISTANCE
 from perflow_video.toy.shape_world import ShapeWorld, ShapeWorldConfig
 from perflow_video.toy.toy_clips import BACKGROUND
@@ -110,11 +110,9 @@ def epsilon_loss(parts: VariantParts, frames: Tensor, captions: list[str], gen: 
     with torch.no_grad():
         z0 = parts.vae.encode(frames).latent_dist.sample(generator=gen) * parts.vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=gen)
-    t = torch.randint(0, len(parts.alphas_cumprod), (z0.shape[0],), generator=gen)
-    a = parts.alphas_cumprod[t].view(-1, 1, 1, 1)
-    pred = parts.unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t,
-                      encoder_hidden_states=parts.encode_text(captions)).sample  # fmt: skip
-    return F.mse_loss(pred, noise)
+    t = draw_timesteps(z0.shape[0], gen, "uniform", len(parts.alphas_cumprod))
+    hidden = parts.encode_text(captions)
+    return epsilon_errors(parts.unet, z0, noise, t, hidden, parts.alphas_cumprod).mean()
 
 
 def _lr_factor(step: int, warmup: int) -> float:

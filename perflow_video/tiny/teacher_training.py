@@ -1,6 +1,7 @@
 """The pieces of the tiny teacher's training recipe that are math or weight surgery (``scripts/train_tiny_teacher.py``
 runs the loop; ``docs/tiny_teacher.md`` says why each exists):
 
+* :func:`epsilon_errors` - the DDPM epsilon objective per sample (videos or images), what every stage trains;
 * :func:`draw_timesteps` - uniform, or ``high`` (density rising linearly with t);
 * :func:`video_loss_weights` - the epsilon loss turned into the x0 error where the noise dominates, capped;
 * :func:`separate_word_embeddings` - re-draws caption words' input embeddings as orthogonal vectors, so words
@@ -22,7 +23,28 @@ from perflow_video.errors import ConfigError
 from perflow_video.tiny.teacher_models import TeacherArch
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
-__all__ = ["draw_timesteps", "load_teacher_weights", "separate_word_embeddings", "video_loss_weights"]
+__all__ = [
+    "draw_timesteps",
+    "epsilon_errors",
+    "load_teacher_weights",
+    "separate_word_embeddings",
+    "video_loss_weights",
+]
+
+
+def epsilon_errors(
+    unet: torch.nn.Module,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    hidden: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample mean squared error of ``unet``'s epsilon at z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise
+    (docs/method.md, the teacher's objective); ``z0`` is (B, C, H, W) or (B, C, F, H, W)."""
+    a = alphas_cumprod[t].view(-1, *([1] * (z0.dim() - 1)))
+    pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
+    return (pred - noise).pow(2).flatten(1).mean(dim=1)
 
 
 def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
