@@ -834,7 +834,7 @@ def train_teacher(
         if unet2d is not None and step >= args.image_start_step:
             img_loss = image_loss(unet2d, vae, text, image_world, step, args, alphas)
             image_losses.append(img_loss.item())
-            total = loss + img_loss
+            total = total + img_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)

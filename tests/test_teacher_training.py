@@ -150,7 +150,7 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     argv = [
         "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--separate-words", "left,right",
         "--separate-norm", "2.0", "--x0-weight-max", "20", "--steps", str(start + 2), "--batch-size", "2",
-        "--reversal-pairs", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
+        "--reversal-pairs", "--image-batch", "2", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
         "--eval-steps", "2", "--checkpoint-minutes", "100",
     ]  # fmt: skip
     assert script.main(argv) == 0
@@ -165,6 +165,16 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     assert abs(emb[ids[0]] @ emb[ids[1]]) < 0.05
     records = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "init_from" and r["step"] == start for r in records)
+    # the same two steps with the plain epsilon loss end elsewhere: the weights reach the gradient
+    plain = tmp_path / "plain"
+    argv[argv.index("--x0-weight-max") + 1] = "1"
+    argv[argv.index("--out") + 1] = str(plain)
+    assert script.main(argv) == 0
+    from safetensors.torch import load_file
+
+    name = "motion_adapter/diffusion_pytorch_model.safetensors"
+    weighted, unweighted = load_file(out / name), load_file(plain / name)
+    assert any(not torch.equal(weighted[k], unweighted[k]) for k in weighted)
 
 
 def test_script_names_a_folder_without_a_vae(tmp_path: Path, capsys):
