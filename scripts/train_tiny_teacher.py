@@ -62,6 +62,8 @@ from perflow_video.tiny.teacher_models import (  # noqa: E402
     teacher_vae,
 )
 from perflow_video.tiny.teacher_training import (  # noqa: E402
+    CaptionAttributeHead,
+    caption_attribute_loss,
     draw_timesteps,
     epsilon_errors,
     load_teacher_weights,
@@ -76,6 +78,7 @@ from perflow_video.toy.shape_world import (  # noqa: E402
     OPPOSITE,
     ShapeWorld,
     ShapeWorldConfig,
+    parse_prompt,
 )
 from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES  # noqa: E402
 
@@ -262,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the video epsilon loss at timestep t: min(max, max(1, (1 - abar_t) / abar_t)), "
         "i.e. the x0 error where the noise dominates (where the caption decides the path), capped. "
         "The optimum per t is unchanged. 1 = plain epsilon loss [%(default)s]",
+    )
+    a(
+        "--text-attribute-loss",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss on the text encoder: linear read-outs of colour, shape and direction "
+        "from its hidden states at and after the direction word (EOS, padding), over the training prompts "
+        "every step, so the positions the UNet reads carry the direction as they carry the colour (a real "
+        "CLIP encoder is pre-trained; this one is not). The read-outs are not exported. 0 = off [%(default)s]",
     )
     a("--warmup", type=int, default=300, help="linear warm-up steps [%(default)s]")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay [%(default)s]")
@@ -726,6 +738,15 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     return epsilon_errors(unet2d, z0, noise, t, hidden, alphas).mean()
 
 
+#: Token position of the direction word in "a <colour> <shape> moving <direction>" (after <|startoftext|>).
+ATTRIBUTE_POSITION = 5
+
+
+def _attribute_labels(prompt: str) -> tuple[int, int, int]:
+    color, shape, direction = parse_prompt(prompt)
+    return list(COLORS).index(color), SHAPES.index(shape), DIRECTIONS.index(direction)
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -749,10 +770,12 @@ def train_teacher(
     if train_text:
         groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    head = CaptionAttributeHead(arch.text_hidden, (len(COLORS), len(SHAPES), len(DIRECTIONS)))
+    head_opt = torch.optim.AdamW(head.parameters(), lr=args.text_lr or args.lr, weight_decay=0.0)
     ckpt_path = train_dir / "checkpoint.pt"
-    step = clips_seen = warm_start = (
-        0  # warm_start: step the warm-up counts from; clips_seen: where the clip stream continues (--batch-size may change on resume)
-    )
+    # warm_start: the step the warm-up counts from; clips_seen: where the clip stream continues
+    # (--batch-size may change on resume)
+    step = clips_seen = warm_start = 0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["arch"] != arch.to_json():
@@ -762,6 +785,9 @@ def train_teacher(
         ema_unet.load_state_dict(ck["ema_unet"])
         ema_text.load_state_dict(ck["ema_text_encoder"])
         opt.load_state_dict(ck["opt"])
+        if "text_head" in ck:  # absent in runs from before --text-attribute-loss: the read-outs start fresh
+            head.load_state_dict(ck["text_head"])
+            head_opt.load_state_dict(ck["text_head_opt"])
         step = ck["step"]
         clips_seen = ck.get("clips_seen", step * ck["args"]["batch_size"])
         warm_start = ck.get("warm_start", 0)
@@ -794,6 +820,8 @@ def train_teacher(
                 "ema_unet": ema_unet.state_dict(),
                 "ema_text_encoder": ema_text.state_dict(),
                 "opt": opt.state_dict(),
+                "text_head": head.state_dict(),
+                "text_head_opt": head_opt.state_dict(),
             },
             ckpt_path,
         )
@@ -817,6 +845,9 @@ def train_teacher(
     encoder.train(train_text)
     t_start, last_ckpt, losses, t_log = time.time(), time.time(), [], time.time()
     image_losses: list[float] = []
+    attr_losses: list[float] = []
+    attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
+    attr_labels = torch.tensor([_attribute_labels(p) for p in attr_prompts])
     bar = tqdm(total=args.steps, initial=step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60)
     while step < args.steps:
         if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
@@ -831,14 +862,20 @@ def train_teacher(
         per_clip = epsilon_errors(unet, z0, noise, t, hidden, alphas)
         loss = per_clip.mean()
         total = (video_loss_weights(t, alphas, args.x0_weight_max) * per_clip).mean()
+        if args.text_attribute_loss > 0:
+            attr = caption_attribute_loss(head, text(attr_prompts), attr_labels, ATTRIBUTE_POSITION)
+            attr_losses.append(attr.item())
+            total = total + args.text_attribute_loss * attr
         if unet2d is not None and step >= args.image_start_step:
             img_loss = image_loss(unet2d, vae, text, image_world, step, args, alphas)
             image_losses.append(img_loss.item())
             total = total + img_loss
         opt.zero_grad(set_to_none=True)
+        head_opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
         opt.step()
+        head_opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))  # warm EMA: early snapshots are not the init
         _ema_update(ema_unet, unet, decay)
         if train_text:
@@ -860,6 +897,9 @@ def train_teacher(
             if image_losses:
                 rec["image_loss"] = float(np.mean(image_losses))
                 image_losses = []
+            if attr_losses:
+                rec["text_attribute_loss"] = float(np.mean(attr_losses))
+                attr_losses = []
             _append_jsonl(metrics, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             losses, t_log = [], now

@@ -20,6 +20,8 @@ from perflow_video.tiny.teacher_models import (
     teacher_unet_motion,
 )
 from perflow_video.tiny.teacher_training import (
+    CaptionAttributeHead,
+    caption_attribute_loss,
     draw_timesteps,
     epsilon_errors,
     load_teacher_weights,
@@ -133,6 +135,56 @@ def test_teacher_weights_load_into_the_same_architecture_and_refuse_another(tmp_
         load_teacher_weights(tmp_path, arch, unet, encoder)
 
 
+def test_caption_attribute_loss_is_the_mean_cross_entropy_over_attributes_and_tail_positions():
+    g = torch.Generator().manual_seed(4)
+    head = CaptionAttributeHead(8, (6, 3, 4))
+    hidden = torch.randn(5, 10, 8, generator=g)
+    labels = torch.stack([torch.randint(0, n, (5,), generator=g) for n in (6, 3, 4)], dim=1)
+    by_hand = []
+    for a, linear in enumerate(head.heads):
+        logits = linear(hidden[:, 7:])  # (5, 3, n)
+        by_hand.append(
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, a].repeat_interleave(3))
+        )
+    torch.testing.assert_close(caption_attribute_loss(head, hidden, labels, 7), torch.stack(by_hand).mean())
+    hidden.requires_grad_(True)
+    caption_attribute_loss(head, hidden, labels, 7).backward()
+    assert hidden.grad[:, :7].abs().max() == 0 and hidden.grad[:, 7:].abs().max() > 0
+
+
+def test_the_attribute_loss_puts_the_direction_into_the_padding_of_a_tiny_clip_encoder():
+    """What the loss is for: after 150 steps on the 66 training captions, the direction word can be read
+    from the *last padding position* of the teacher's CLIPTextModel (it cannot at initialisation)."""
+    from perflow_video.toy.shape_world import ALL_PROMPTS, HELD_OUT, parse_prompt
+    from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES
+
+    torch.manual_seed(0)
+    prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
+    labels = torch.tensor(
+        [
+            (list(COLORS).index(c), SHAPES.index(s), DIRECTIONS.index(d))
+            for c, s, d in map(parse_prompt, prompts)
+        ]
+    )
+    tok = tiny_tokenizer()
+    ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    encoder = teacher_text_encoder(TeacherArch(), seed=2)
+    head = CaptionAttributeHead(32, (6, 3, 4))
+
+    def direction_accuracy() -> float:
+        with torch.no_grad():
+            last = encoder(ids)[0][:, -1]
+            return (head(last)[2].argmax(-1) == labels[:, 2]).float().mean().item()
+
+    assert direction_accuracy() < 0.6
+    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        caption_attribute_loss(head, encoder(ids)[0], labels, 5).backward()
+        opt.step()
+    assert direction_accuracy() == 1.0
+
+
 def _script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_teacher.py"
     spec = importlib.util.spec_from_file_location("train_tiny_teacher", path)
@@ -150,7 +202,7 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     argv = [
         "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--separate-words", "left,right",
         "--separate-norm", "2.0", "--x0-weight-max", "20", "--steps", str(start + 2), "--batch-size", "2",
-        "--reversal-pairs", "--image-batch", "2", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
+        "--reversal-pairs", "--image-batch", "2", "--text-attribute-loss", "0.1", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
         "--eval-steps", "2", "--checkpoint-minutes", "100",
     ]  # fmt: skip
     assert script.main(argv) == 0

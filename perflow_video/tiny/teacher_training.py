@@ -6,6 +6,10 @@ runs the loop; ``docs/tiny_teacher.md`` says why each exists):
 * :func:`video_loss_weights` - the epsilon loss turned into the x0 error where the noise dominates, capped;
 * :func:`separate_word_embeddings` - re-draws caption words' input embeddings as orthogonal vectors, so words
   the encoder keeps too close to tell apart start with distinct hidden states;
+* :class:`CaptionAttributeHead` / :func:`caption_attribute_loss` - linear read-outs of a caption's colour,
+  shape and direction from the text encoder's hidden states at and after the direction word (EOS and padding,
+  the positions the UNet's cross-attention reads most): a stand-in for the pre-training a real CLIP text
+  encoder brings, which a tiny encoder trained from scratch lacks;
 * :func:`load_teacher_weights` - a teacher folder's text encoder and UNet + motion adapter, into models of
   the same :class:`~perflow_video.tiny.teacher_models.TeacherArch` (to continue training from it).
 """
@@ -94,6 +98,36 @@ def separate_word_embeddings(
     basis, _ = torch.linalg.qr(torch.randn(weight.shape[1], len(ids), generator=gen, dtype=torch.float64))
     with torch.no_grad():
         weight[ids] = (norm * basis.T).to(weight.dtype)
+
+
+class CaptionAttributeHead(torch.nn.Module):
+    """One linear classifier per caption attribute (e.g. 6 colours, 3 shapes, 4 directions) on a hidden state."""
+
+    def __init__(self, hidden_size: int, num_classes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden_size, n) for n in num_classes)
+
+    def forward(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        return [head(hidden) for head in self.heads]
+
+
+def caption_attribute_loss(
+    head: CaptionAttributeHead, hidden: torch.Tensor, labels: torch.Tensor, first_position: int
+) -> torch.Tensor:
+    """Cross-entropy of every attribute read from every position ``>= first_position``.
+
+    Args:
+        head: The read-outs.
+        hidden: (B, L, D) text encoder hidden states of B captions.
+        labels: (B, A) class index of each caption's A attributes.
+        first_position: The first token position read (the direction word's, in "a <c> <s> moving <d>").
+    """
+    tail = hidden[:, first_position:]
+    losses = []
+    for a, logits in enumerate(head(tail)):
+        target = labels[:, a : a + 1].expand(-1, tail.shape[1])
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()))
+    return torch.stack(losses).mean()
 
 
 def load_teacher_weights(
