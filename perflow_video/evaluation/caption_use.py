@@ -1,0 +1,91 @@
+"""How much a tiny shape-world teacher uses each word of its caption (docs/tiny_teacher.md, sixth session).
+
+Three measurements per attribute (colour, shape, direction), each comparing a caption with the same caption
+whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
+
+* :func:`padding_difference` - mean norm of the text encoder's hidden-state difference at the positions
+  after the caption's last word (EOS and padding: 70 of CLIP's 77, what cross-attention reads most);
+* :func:`epsilon_change` - RMS change of the UNet's epsilon from the same noisy latents at a timestep;
+* :func:`swap_loss_gap` - the epsilon loss on noised shape-world clips with the swapped captions minus with
+  the right ones (> 0: the UNet uses the word the right way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from perflow_video.tiny.teacher_training import epsilon_errors
+from perflow_video.toy.shape_world import ShapeWorld, parse_prompt, prompt_of
+
+__all__ = ["SWAPS", "CaptionUse", "epsilon_change", "padding_difference", "swap_caption", "swap_loss_gap"]
+
+#: The word each attribute's swap exchanges, both ways.
+SWAPS: dict[str, dict[str, str]] = {
+    "colour": {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "purple": "white",
+               "white": "purple"},
+    "shape": {"circle": "square", "square": "circle", "triangle": "circle"},
+    "direction": {"left": "right", "right": "left", "up": "down", "down": "up"},
+}  # fmt: skip
+
+
+def swap_caption(prompt: str, attribute: str) -> str:
+    """``prompt`` with its ``attribute`` word exchanged as :data:`SWAPS` says."""
+    color, shape, direction = parse_prompt(prompt)
+    table = SWAPS[attribute]
+    if attribute == "colour":
+        return prompt_of(table[color], shape, direction)
+    if attribute == "shape":
+        return prompt_of(color, table[shape], direction)
+    return prompt_of(color, shape, table[direction])
+
+
+@dataclass(frozen=True)
+class CaptionUse:
+    """One attribute's three measurements (see the module docstring)."""
+
+    padding_difference: float
+    epsilon_change: dict[int, float]
+    swap_loss_gap: float
+
+
+def padding_difference(hidden_a: Tensor, hidden_b: Tensor, first_position: int) -> float:
+    """Mean over positions ``>= first_position`` of ||hidden_a - hidden_b|| ((L, D) or (B, L, D))."""
+    return (hidden_a - hidden_b)[..., first_position:, :].norm(dim=-1).mean().item()
+
+
+@torch.no_grad()
+def epsilon_change(unet: torch.nn.Module, z_t: Tensor, t: int, hidden_a: Tensor, hidden_b: Tensor) -> float:
+    """RMS of eps(z_t, t, hidden_b) - eps(z_t, t, hidden_a); ``z_t`` (B, C, F, h, w), hidden (B, L, D)."""
+    frames = z_t.shape[2]
+    steps = torch.full((z_t.shape[0],), t)
+    eps_a = unet(z_t, steps, encoder_hidden_states=hidden_a.repeat_interleave(frames, dim=0)).sample
+    eps_b = unet(z_t, steps, encoder_hidden_states=hidden_b.repeat_interleave(frames, dim=0)).sample
+    return (eps_b - eps_a).pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def swap_loss_gap(
+    unet: torch.nn.Module,
+    z0: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    hidden_right: Tensor,
+    hidden_swapped: Tensor,
+    alphas_cumprod: Tensor,
+) -> float:
+    """Mean epsilon loss with the swapped captions minus with the right ones, on latent clips ``z0``."""
+    frames = z0.shape[2]
+    right = epsilon_errors(unet, z0, noise, t, hidden_right.repeat_interleave(frames, dim=0), alphas_cumprod)
+    swapped = epsilon_errors(
+        unet, z0, noise, t, hidden_swapped.repeat_interleave(frames, dim=0), alphas_cumprod
+    )
+    return (swapped.mean() - right.mean()).item()
+
+
+def validation_clips(world: ShapeWorld, n: int) -> tuple[Tensor, list[str]]:
+    """``n`` clips of ``world`` (pixels, (n, 3, F, H, W)) with their captions (never dropped)."""
+    clips = torch.stack([world.clip(i) for i in range(n)])
+    return clips, [world.spec(i).prompt for i in range(n)]

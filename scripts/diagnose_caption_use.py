@@ -1,0 +1,111 @@
+"""How much a tiny shape-world teacher uses its caption's colour, shape and direction words.
+
+For each attribute, a caption is compared with the same caption whose one word is swapped (red <-> blue,
+circle <-> square, left <-> right, ...; perflow_video/evaluation/caption_use.py):
+
+* padding: mean norm of the text encoder's hidden-state difference at EOS and the padding (what the UNet's
+  cross-attention reads most);
+* epsilon change: RMS change of the UNet's epsilon from the same noise at t = 900, 600, 300;
+* loss gap: epsilon loss on noised shape-world clips with the swapped captions minus the right ones
+  (> 0 means the UNet uses the word the right way).
+
+Prints one JSON object (and writes it to --out if given). Example, on the shipped teacher::
+
+    python scripts/diagnose_caption_use.py --teacher tiny-teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from perflow_video.atomic_files import atomic_destination  # noqa: E402
+from perflow_video.errors import exit_status_of  # noqa: E402
+from perflow_video.evaluation.caption_use import (  # noqa: E402
+    SWAPS,
+    epsilon_change,
+    padding_difference,
+    swap_caption,
+    swap_loss_gap,
+    validation_clips,
+)
+from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
+from perflow_video.families import get_family  # noqa: E402
+from perflow_video.tiny.teacher_models import teacher_scheduler  # noqa: E402
+from perflow_video.toy.shape_world import ShapeWorld, ShapeWorldConfig  # noqa: E402
+
+TIMESTEPS = (900, 600, 300)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="tiny-teacher", help="teacher folder or tiny-teacher [%(default)s]")
+    p.add_argument("--clips", type=int, default=16, help="validation clips for the loss gap [%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the clips, noise and timesteps [%(default)s]")
+    p.add_argument("--out", default="", help="also write the JSON here (atomically) ['']")
+    return p
+
+
+def hidden_states(teacher, prompts: list[str]) -> torch.Tensor:
+    """(B, 77, D) text encoder hidden states, as the AnimateDiff pipeline computes them."""
+    family = get_family("animatediff")
+    return family.encode_text(teacher.models, prompts, "cpu").encoder_hidden_states
+
+
+@torch.no_grad()
+def measure(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
+    teacher = load_teacher(args.teacher, num_frames=16)
+    alphas = teacher_scheduler().alphas_cumprod
+    world = ShapeWorld("all", seed=args.seed + 4243, config=ShapeWorldConfig())
+    clips, prompts = validation_clips(world, args.clips)
+    g = torch.Generator().manual_seed(args.seed)
+    frames = clips.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    z0 = (
+        teacher.models.vae.encode(frames).latent_dist.sample(generator=g)
+        * teacher.models.vae.config.scaling_factor
+    )
+    z0 = z0.unflatten(0, (clips.shape[0], clips.shape[2])).permute(0, 2, 1, 3, 4)
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.linspace(100, 900, args.clips).round().long()
+    right = hidden_states(teacher, prompts)
+    out: dict = {"teacher": args.teacher, "clips": args.clips, "seed": args.seed}
+    for attribute in SWAPS:
+        swapped = hidden_states(teacher, [swap_caption(p, attribute) for p in prompts])
+        eps = {}
+        for step in TIMESTEPS:
+            a = alphas[step]
+            z_t = a.sqrt() * z0[:4] + (1 - a).sqrt() * noise[:4]
+            eps[step] = round(epsilon_change(teacher.unet, z_t, step, right[:4], swapped[:4]), 5)
+        out[attribute] = {
+            "padding_difference": round(padding_difference(right, swapped, first_position=6), 4),
+            "epsilon_change": eps,
+            "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
+        }
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with atomic_destination(args.out) as tmp:
+            Path(tmp).write_text(text + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return exit_status_of(lambda: run(args), debug=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
