@@ -34,12 +34,12 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
     padding_difference,
     swap_caption,
     swap_loss_gap,
-    validation_clips,
+    validation_latents,
 )
 from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
 from perflow_video.families import get_family  # noqa: E402
 from perflow_video.tiny.teacher_models import teacher_scheduler  # noqa: E402
-from perflow_video.toy.shape_world import ShapeWorld, ShapeWorldConfig  # noqa: E402
+from perflow_video.toy.shape_world import EOS_POSITION, ShapeWorld, ShapeWorldConfig  # noqa: E402
 
 TIMESTEPS = (900, 600, 300)
 
@@ -65,14 +65,8 @@ def measure(args: argparse.Namespace) -> dict:
     teacher = load_teacher(args.teacher, num_frames=16)
     alphas = teacher_scheduler().alphas_cumprod
     world = ShapeWorld("all", seed=args.seed + 4243, config=ShapeWorldConfig())
-    clips, prompts = validation_clips(world, args.clips)
     g = torch.Generator().manual_seed(args.seed)
-    frames = clips.permute(0, 2, 1, 3, 4).flatten(0, 1)
-    z0 = (
-        teacher.models.vae.encode(frames).latent_dist.sample(generator=g)
-        * teacher.models.vae.config.scaling_factor
-    )
-    z0 = z0.unflatten(0, (clips.shape[0], clips.shape[2])).permute(0, 2, 1, 3, 4)
+    z0, prompts = validation_latents(teacher.models.vae, world, args.clips, g)
     noise = torch.randn(z0.shape, generator=g)
     t = torch.linspace(100, 900, args.clips).round().long()
     right = hidden_states(teacher, prompts)
@@ -85,7 +79,7 @@ def measure(args: argparse.Namespace) -> dict:
             z_t = a.sqrt() * z0[:4] + (1 - a).sqrt() * noise[:4]
             eps[step] = round(epsilon_change(teacher.unet, z_t, step, right[:4], swapped[:4]), 5)
         out[attribute] = {
-            "padding_difference": round(padding_difference(right, swapped, first_position=6), 4),
+            "padding_difference": round(padding_difference(right, swapped, EOS_POSITION), 4),
             "epsilon_change": eps,
             "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
         }

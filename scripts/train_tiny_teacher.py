@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from perflow_video.atomic_files import atomic_destination  # noqa: E402
-from perflow_video.errors import exit_status_of  # noqa: E402
+from perflow_video.errors import ConfigError, exit_status_of  # noqa: E402
 from perflow_video.tiny.teacher_models import (  # noqa: E402
     TeacherArch,
     split_unet_motion,
@@ -74,11 +74,12 @@ from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
 from perflow_video.toy.shape_world import (  # noqa: E402
     ALL_PROMPTS,
+    DIRECTION_POSITION,
     HELD_OUT,
     OPPOSITE,
     ShapeWorld,
     ShapeWorldConfig,
-    parse_prompt,
+    attribute_labels,
 )
 from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES  # noqa: E402
 
@@ -239,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--init-from",
         default="",
-        help="start the teacher stage from this teacher folder (diffusers layout, e.g. the packaged "
-        "perflow_video/tiny/assets/tiny_teacher): its VAE is used as is (no VAE stage), its text encoder, UNet "
-        "and motion adapter are the initial weights and EMA, the step count continues from its "
-        "teacher_info.json. Ignored once <out>/training/checkpoint.pt exists (resume) ['']",
+        help="start the teacher stage from this teacher folder (a train_tiny_teacher.py output, e.g. the packaged "
+        "perflow_video/tiny/assets/tiny_teacher): its VAE becomes <out>/training/vae (no VAE stage; another VAE "
+        "already there is an error), its text encoder, UNet and motion adapter are the initial weights and EMA, "
+        "and the step count (and the warm-up) continue from its teacher_info.json. Ignored, with a message, once "
+        "<out>/training/checkpoint.pt exists (resume) ['']",
     )
     a(
         "--separate-words",
@@ -262,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--x0-weight-max",
         type=float,
         default=1.0,
-        help="weight of the video epsilon loss at timestep t: min(max, max(1, (1 - abar_t) / abar_t)), "
-        "i.e. the x0 error where the noise dominates (where the caption decides the path), capped. "
-        "The optimum per t is unchanged. 1 = plain epsilon loss [%(default)s]",
+        help="W: the video epsilon loss at timestep t is weighted min(W, max(1, (1 - abar_t) / abar_t)), i.e. "
+        "it becomes the x0 error where the SNR is below 1 (where the caption decides the path), capped at W. "
+        "The optimum per t is unchanged; the weights are not normalised (mean ~11 at W = 20 with --t-sampling "
+        "high), so the video loss grows against the image and read-out losses. 1 = plain epsilon loss "
+        "[%(default)s]",
     )
     a(
         "--text-attribute-loss",
@@ -738,15 +742,6 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     return epsilon_errors(unet2d, z0, noise, t, hidden, alphas).mean()
 
 
-#: Token position of the direction word in "a <colour> <shape> moving <direction>" (after <|startoftext|>).
-ATTRIBUTE_POSITION = 5
-
-
-def _attribute_labels(prompt: str) -> tuple[int, int, int]:
-    color, shape, direction = parse_prompt(prompt)
-    return list(COLORS).index(color), SHAPES.index(shape), DIRECTIONS.index(direction)
-
-
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -770,7 +765,9 @@ def train_teacher(
     if train_text:
         groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    head = CaptionAttributeHead(arch.text_hidden, (len(COLORS), len(SHAPES), len(DIRECTIONS)))
+    with torch.random.fork_rng(devices=[]):  # seeded, and the global RNG left as it was
+        torch.manual_seed(args.seed + 3)
+        head = CaptionAttributeHead(arch.text_hidden, (len(COLORS), len(SHAPES), len(DIRECTIONS)))
     head_opt = torch.optim.AdamW(head.parameters(), lr=args.text_lr or args.lr, weight_decay=0.0)
     ckpt_path = train_dir / "checkpoint.pt"
     # warm_start: the step the warm-up counts from; clips_seen: where the clip stream continues
@@ -792,9 +789,13 @@ def train_teacher(
         clips_seen = ck.get("clips_seen", step * ck["args"]["batch_size"])
         warm_start = ck.get("warm_start", 0)
         print(f"teacher: resumed at step {step} ({clips_seen} clips seen)", flush=True)
+        if args.init_from:
+            print(f"teacher: --init-from {args.init_from} ignored (resuming {ckpt_path})", flush=True)
         _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
     elif args.init_from:
         step = load_teacher_weights(Path(args.init_from), arch, unet, encoder)
+        if step >= args.steps:
+            raise ConfigError(f"--steps {args.steps}: --init-from {args.init_from} is already at step {step}")
         clips_seen, warm_start = step * args.batch_size, step
         words = [w for w in args.separate_words.split(",") if w]
         if words:
@@ -847,7 +848,7 @@ def train_teacher(
     image_losses: list[float] = []
     attr_losses: list[float] = []
     attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
-    attr_labels = torch.tensor([_attribute_labels(p) for p in attr_prompts])
+    attr_labels = torch.tensor([attribute_labels(p) for p in attr_prompts])
     bar = tqdm(total=args.steps, initial=step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60)
     while step < args.steps:
         if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
@@ -863,7 +864,7 @@ def train_teacher(
         loss = per_clip.mean()
         total = (video_loss_weights(t, alphas, args.x0_weight_max) * per_clip).mean()
         if args.text_attribute_loss > 0:
-            attr = caption_attribute_loss(head, text(attr_prompts), attr_labels, ATTRIBUTE_POSITION)
+            attr = caption_attribute_loss(head, text(attr_prompts), attr_labels, DIRECTION_POSITION)
             attr_losses.append(attr.item())
             total = total + args.text_attribute_loss * attr
         if unet2d is not None and step >= args.image_start_step:
@@ -938,6 +939,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reversal_pairs and args.batch_size % 2:
         parser.error(f"--reversal-pairs needs an even --batch-size, got {args.batch_size}")
+    if args.separate_words and not args.init_from:
+        parser.error("--separate-words re-draws embeddings of an --init-from teacher; give --init-from")
+    if args.separate_norm <= 0:
+        parser.error(f"--separate-norm must be > 0, got {args.separate_norm}")
+    if args.text_attribute_loss > 0 and args.text_lr <= 0:
+        parser.error("--text-attribute-loss trains the text encoder; it needs --text-lr > 0")
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
@@ -969,18 +976,50 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print(f"train_tiny_teacher: pid {os.getpid()}, out {out}, arch {json.dumps(arch.to_json())}", flush=True)
-    if args.init_from and not (train_dir / "vae" / "config.json").exists():
-        src = Path(args.init_from) / "vae"
-        if not (src / "config.json").is_file():
-            parser.error(f"--init-from {args.init_from}: no vae/config.json there")
-        shutil.copytree(src, train_dir / ".vae.tmp", dirs_exist_ok=True)
-        _replace_dir(train_dir / ".vae.tmp", train_dir / "vae")
+    if args.init_from and not (train_dir / "checkpoint.pt").exists():
+        install_init_vae(parser, Path(args.init_from), arch, train_dir)
     vae = fit_vae(args, arch, cfg, train_dir, metrics)
     if vae is None:
         print("stopped during the VAE stage; run again to resume", flush=True)
         return 0
     vae.requires_grad_(False)
-    return exit_status_of(lambda: train_teacher(args, arch, cfg, vae, out, train_dir, metrics) and 0, False)
+
+    def teacher_stage() -> int:
+        train_teacher(args, arch, cfg, vae, out, train_dir, metrics)
+        return 0
+
+    return exit_status_of(teacher_stage, debug=False)
+
+
+def install_init_vae(
+    parser: argparse.ArgumentParser, folder: Path, arch: TeacherArch, train_dir: Path
+) -> None:
+    """Before a run starts from ``--init-from``: check the folder is a teacher of this architecture and make its
+    VAE the run's (``training/vae``); a different VAE already there is an error, never silently kept."""
+    info = folder / "teacher_info.json"
+    needed = ("teacher_info.json", "vae/config.json", "unet/config.json", "motion_adapter/config.json",
+              "text_encoder/config.json")  # fmt: skip
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        parser.error(
+            f"--init-from {folder}: not a train_tiny_teacher.py folder (missing {', '.join(missing)})"
+        )
+    if json.loads(info.read_text()).get("arch") != arch.to_json():
+        parser.error(f"--init-from {folder}: its architecture (teacher_info.json) is not this run's")
+    mine = train_dir / "vae"
+    if (mine / "config.json").exists():
+        same = all(
+            (mine / f.name).is_file() and (mine / f.name).read_bytes() == f.read_bytes()
+            for f in (folder / "vae").iterdir()
+        )
+        if not same:
+            parser.error(f"--init-from {folder}: {mine} holds another VAE; use a fresh --out")
+        return
+    tmp = train_dir / ".vae.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(folder / "vae", tmp)
+    _replace_dir(tmp, mine)
 
 
 if __name__ == "__main__":

@@ -104,10 +104,23 @@ def test_separated_words_are_orthogonal_of_the_given_norm_and_nothing_else_moves
     others = torch.ones(len(after), dtype=torch.bool)
     others[ids] = False
     assert torch.equal(after[others], before[others])
-    # the encoder's hidden states at the direction word now differ by about the embeddings' distance
+    # on the shipped teacher's encoder the hidden states at the direction word move >= 3x further apart
+    from transformers import CLIPTextModel
+
+    shipped = CLIPTextModel.from_pretrained(tiny_teacher_folder() / "text_encoder").eval()
     tok = tiny_tokenizer()
-    hidden = [encoder(tok(f"a red circle moving {w}", return_tensors="pt").input_ids)[0][0, 5] for w in words]
-    assert (hidden[0] - hidden[1]).norm() > 0.5
+
+    def left_right_distance() -> float:
+        with torch.no_grad():
+            h = [
+                shipped(tok(f"a red circle moving {w}", return_tensors="pt").input_ids)[0][0, 5]
+                for w in words[:2]
+            ]
+        return (h[0] - h[1]).norm().item()
+
+    before = left_right_distance()
+    separate_word_embeddings(shipped, words, 1.0, torch.Generator().manual_seed(3))
+    assert left_right_distance() > 3 * before
     with pytest.raises(ConfigError, match="tokens"):
         separate_word_embeddings(encoder, ["leftward-ish"], 1.0, torch.Generator())
 
@@ -155,17 +168,11 @@ def test_caption_attribute_loss_is_the_mean_cross_entropy_over_attributes_and_ta
 def test_the_attribute_loss_puts_the_direction_into_the_padding_of_a_tiny_clip_encoder():
     """What the loss is for: after 150 steps on the 66 training captions, the direction word can be read
     from the *last padding position* of the teacher's CLIPTextModel (it cannot at initialisation)."""
-    from perflow_video.toy.shape_world import ALL_PROMPTS, HELD_OUT, parse_prompt
-    from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES
+    from perflow_video.toy.shape_world import ALL_PROMPTS, DIRECTION_POSITION, HELD_OUT, attribute_labels
 
     torch.manual_seed(0)
     prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
-    labels = torch.tensor(
-        [
-            (list(COLORS).index(c), SHAPES.index(s), DIRECTIONS.index(d))
-            for c, s, d in map(parse_prompt, prompts)
-        ]
-    )
+    labels = torch.tensor([attribute_labels(p) for p in prompts])
     tok = tiny_tokenizer()
     ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     encoder = teacher_text_encoder(TeacherArch(), seed=2)
@@ -180,7 +187,7 @@ def test_the_attribute_loss_puts_the_direction_into_the_padding_of_a_tiny_clip_e
     opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
     for _ in range(150):
         opt.zero_grad()
-        caption_attribute_loss(head, encoder(ids)[0], labels, 5).backward()
+        caption_attribute_loss(head, encoder(ids)[0], labels, DIRECTION_POSITION).backward()
         opt.step()
     assert direction_accuracy() == 1.0
 
@@ -203,10 +210,16 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
         "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--separate-words", "left,right",
         "--separate-norm", "2.0", "--x0-weight-max", "20", "--steps", str(start + 2), "--batch-size", "2",
         "--reversal-pairs", "--image-batch", "2", "--text-attribute-loss", "0.1", "--eval-every", "1000000", "--eval-train-prompts", "1", "--eval-held-out", "0",
-        "--eval-steps", "2", "--checkpoint-minutes", "100",
+        "--eval-steps", "2", "--checkpoint-minutes", "100", "--log-every", "1",
     ]  # fmt: skip
     assert script.main(argv) == 0
     assert json.loads((out / "teacher_info.json").read_text())["step"] == start + 2
+    records = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "loss"]
+    assert lrs == pytest.approx([5e-4 * 1 / 300, 5e-4 * 2 / 300])  # the warm-up restarts at the folder's step
+    assert all("text_attribute_loss" in r for r in records if r["kind"] == "loss")
+    checkpoint = torch.load(out / "training" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["warm_start"] == start and "text_head" in checkpoint
     vae_src = tiny_teacher_folder() / "vae" / "diffusion_pytorch_model.safetensors"
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_src.read_bytes()
     from transformers import CLIPTextModel
@@ -215,7 +228,6 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     ids = [tiny_tokenizer()(w).input_ids[1] for w in ("left", "right")]
     assert abs(emb[ids[0]].norm().item() - 2.0) < 0.05  # two steps of lr warm-up barely move them
     assert abs(emb[ids[0]] @ emb[ids[1]]) < 0.05
-    records = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "init_from" and r["step"] == start for r in records)
     # the same two steps with the plain epsilon loss end elsewhere: the weights reach the gradient
     plain = tmp_path / "plain"
@@ -229,10 +241,35 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     assert any(not torch.equal(weighted[k], unweighted[k]) for k in weighted)
 
 
-def test_script_names_a_folder_without_a_vae(tmp_path: Path, capsys):
+def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_partner(tmp_path: Path, capsys):
     script = _script()
-    empty = tmp_path / "not-a-teacher"
-    shutil.copytree(tiny_teacher_folder() / "text_encoder", empty / "text_encoder")
+    partial = tmp_path / "not-a-teacher"
+    shutil.copytree(tiny_teacher_folder() / "text_encoder", partial / "text_encoder")
     with pytest.raises(SystemExit):
-        script.main(["--out", str(tmp_path / "run"), "--init-from", str(empty)])
-    assert "vae/config.json" in capsys.readouterr().err
+        script.main(["--out", str(tmp_path / "run"), "--init-from", str(partial)])
+    err = capsys.readouterr().err
+    assert "--init-from" in err and "vae/config.json" in err and "unet/config.json" in err
+    assert not (tmp_path / "run" / "training" / "vae").exists()  # nothing installed from a refused folder
+    other = tmp_path / "other"
+    shutil.copytree(tiny_teacher_folder() / "vae", other / "training" / "vae")
+    (other / "training" / "vae" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(other), "--init-from", str(tiny_teacher_folder())])
+    assert "holds another VAE" in capsys.readouterr().err
+    for flags, message in (
+        (["--separate-words", "left"], "--init-from"),
+        (["--text-attribute-loss", "0.1", "--text-lr", "0"], "--text-lr"),
+    ):
+        with pytest.raises(SystemExit):
+            script.main(["--out", str(tmp_path / "x"), *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_caption_token_positions_hold_for_every_prompt():
+    from perflow_video.toy.shape_world import ALL_PROMPTS, DIRECTION_POSITION, EOS_POSITION, parse_prompt
+
+    tok = tiny_tokenizer()
+    for prompt in ALL_PROMPTS:
+        ids = tok(prompt).input_ids
+        assert ids[DIRECTION_POSITION] == tok(parse_prompt(prompt)[2]).input_ids[1]
+        assert ids[EOS_POSITION] == tok.eos_token_id and len(ids) == EOS_POSITION + 1

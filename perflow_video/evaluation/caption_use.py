@@ -4,7 +4,7 @@ Three measurements per attribute (colour, shape, direction), each comparing a ca
 whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
 
 * :func:`padding_difference` - mean norm of the text encoder's hidden-state difference at the positions
-  after the caption's last word (EOS and padding: 70 of CLIP's 77, what cross-attention reads most);
+  after the caption's last word (EOS and 70 padding positions of CLIP's 77, what cross-attention reads most);
 * :func:`epsilon_change` - RMS change of the UNet's epsilon from the same noisy latents at a timestep;
 * :func:`swap_loss_gap` - the epsilon loss on noised shape-world clips with the swapped captions minus with
   the right ones (> 0: the UNet uses the word the right way).
@@ -12,17 +12,23 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from perflow_video.tiny.teacher_training import epsilon_errors
 from perflow_video.toy.shape_world import ShapeWorld, parse_prompt, prompt_of
 
-__all__ = ["SWAPS", "CaptionUse", "epsilon_change", "padding_difference", "swap_caption", "swap_loss_gap"]
+__all__ = [
+    "SWAPS",
+    "epsilon_change",
+    "padding_difference",
+    "swap_caption",
+    "swap_loss_gap",
+    "validation_latents",
+]
 
-#: The word each attribute's swap exchanges, both ways.
+#: The word each attribute's swap puts in place of each word (colours and directions in pairs; shapes in a
+#: cycle circle -> square -> circle, triangle -> circle).
 SWAPS: dict[str, dict[str, str]] = {
     "colour": {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "purple": "white",
                "white": "purple"},
@@ -40,15 +46,6 @@ def swap_caption(prompt: str, attribute: str) -> str:
     if attribute == "shape":
         return prompt_of(color, table[shape], direction)
     return prompt_of(color, shape, table[direction])
-
-
-@dataclass(frozen=True)
-class CaptionUse:
-    """One attribute's three measurements (see the module docstring)."""
-
-    padding_difference: float
-    epsilon_change: dict[int, float]
-    swap_loss_gap: float
 
 
 def padding_difference(hidden_a: Tensor, hidden_b: Tensor, first_position: int) -> float:
@@ -85,7 +82,15 @@ def swap_loss_gap(
     return (swapped.mean() - right.mean()).item()
 
 
-def validation_clips(world: ShapeWorld, n: int) -> tuple[Tensor, list[str]]:
-    """``n`` clips of ``world`` (pixels, (n, 3, F, H, W)) with their captions (never dropped)."""
-    clips = torch.stack([world.clip(i) for i in range(n)])
-    return clips, [world.spec(i).prompt for i in range(n)]
+@torch.no_grad()
+def validation_latents(
+    vae: torch.nn.Module, world: ShapeWorld, n: int, gen: torch.Generator
+) -> tuple[Tensor, list[str]]:
+    """The first ``n`` clips of ``world`` as scaled VAE latents (n, C, F, h, w) (posterior samples from
+    ``gen``), with their captions (never dropped)."""
+    clips = torch.stack([world.clip(i) for i in range(n)])  # (n, 3, F, H, W)
+    frames = clips.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    z0 = vae.encode(frames).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+    return z0.unflatten(0, (n, clips.shape[2])).permute(0, 2, 1, 3, 4), [
+        world.spec(i).prompt for i in range(n)
+    ]

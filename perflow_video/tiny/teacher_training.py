@@ -28,6 +28,8 @@ from perflow_video.tiny.teacher_models import TeacherArch
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
+    "CaptionAttributeHead",
+    "caption_attribute_loss",
     "draw_timesteps",
     "epsilon_errors",
     "load_teacher_weights",
@@ -66,8 +68,10 @@ def video_loss_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, cap: float
     """Per-sample weights min(cap, max(1, (1 - abar_t) / abar_t)) of the epsilon loss.
 
     With x0_hat = (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar), (1 - abar) / abar * |eps_hat - eps|^2 equals
-    |x0_hat - x0|^2: above the t where the SNR abar / (1 - abar) is 1 the weighted loss is the x0 error, which
-    the plain epsilon loss shrinks by the SNR exactly where the noise hides the object's path. The optimum at
+    |x0_hat - x0|^2: where the SNR abar / (1 - abar) is below 1 (t >= 285 for AnimateDiff's linear betas) and
+    the cap does not bind (up to t ~ 665 at cap 20) the weighted loss is the x0 error, which the plain epsilon
+    loss shrinks by the SNR exactly where the noise hides the object's path. The weights are not normalised:
+    their mean (~11 at cap 20 under ``high`` timesteps) shifts the video loss against any loss added to it. The optimum at
     each t (the conditional mean) is unchanged; ``cap`` = 1 gives the plain epsilon loss.
     """
     if cap < 1:
@@ -82,8 +86,8 @@ def separate_word_embeddings(
     """Re-draws the input embeddings of ``words`` (one tiny-tokenizer token each) as orthonormal vectors
     scaled to ``norm``, drawn from ``gen``; every other row is left as it is."""
     tok = tiny_tokenizer()
-    ids = []
-    for word in words:
+    ids: list[int] = []
+    for word in dict.fromkeys(words):  # each word once, in order
         pieces = tok(word).input_ids[1:-1]
         if len(pieces) != 1:
             raise ConfigError(
@@ -91,7 +95,7 @@ def separate_word_embeddings(
             )
         ids.append(pieces[0])
     weight = encoder.get_input_embeddings().weight
-    if len(set(ids)) > weight.shape[1]:
+    if len(ids) > weight.shape[1]:
         raise ConfigError(
             f"--separate-words: {len(ids)} words, but the embeddings have {weight.shape[1]} dims"
         )

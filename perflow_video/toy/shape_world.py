@@ -37,9 +37,12 @@ __all__ = [
     "HELD_OUT",
     "OPPOSITE",
     "SUPERSAMPLE",
+    "DIRECTION_POSITION",
+    "EOS_POSITION",
     "ClipSpec",
     "ShapeWorld",
     "ShapeWorldConfig",
+    "attribute_labels",
     "parse_prompt",
     "prompt_of",
     "render_clip",
@@ -60,6 +63,18 @@ DIRECTION_VECTORS: dict[str, tuple[int, int]] = {
 def prompt_of(color: str, shape: str, direction: str) -> str:
     """The caption of a clip: ``"a <colour> <shape> moving <direction>"``."""
     return f"a {color} {shape} moving {direction}"
+
+
+#: Token positions in a caption tokenized by a CLIP tokenizer whose words are single tokens (the tiny one):
+#: <|startoftext|> a <colour> <shape> moving <direction> <|endoftext|> <padding ...>.
+DIRECTION_POSITION = 5
+EOS_POSITION = 6
+
+
+def attribute_labels(prompt: str) -> tuple[int, int, int]:
+    """Class indices of a caption's colour, shape and direction in ``COLORS``, ``SHAPES``, ``DIRECTIONS``."""
+    color, shape, direction = parse_prompt(prompt)
+    return list(COLORS).index(color), SHAPES.index(shape), DIRECTIONS.index(direction)
 
 
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
