@@ -620,13 +620,12 @@ def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int
     z0 = encode_clips(vae, clips, gen)
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.linspace(100, 900, n).round().long()
-    a = teacher_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    alphas = teacher_scheduler().alphas_cumprod
     out = {}
     variants = (("right", right), ("wrong", wrong), ("wrong_direction", wrong_direction), ("empty", [""] * n))
     for name, caps in variants:
         hidden = text(caps, encoder).repeat_interleave(args.num_frames, dim=0)
-        out[name] = round(F.mse_loss(unet(zt, t, encoder_hidden_states=hidden).sample, noise).item(), 5)
+        out[name] = round(epsilon_errors(unet, z0, noise, t, hidden, alphas).mean().item(), 5)
     return out
 
 
