@@ -9,6 +9,9 @@ circle <-> square, left <-> right, ...; perflow_video/evaluation/caption_use.py)
 * loss gap: epsilon loss on noised shape-world clips with the swapped captions minus the right ones
   (> 0 means the UNet uses the word the right way).
 
+With --probe-prompts N, also the pixel probe's accuracy on the teacher's own DDIM clips (--probe-steps,
+CFG --cfg) of N of the 72 prompts (spread over colours, shapes and directions).
+
 Prints one JSON object (and writes it to --out if given). Example, on the shipped teacher::
 
     python scripts/diagnose_caption_use.py --teacher tiny-teacher
@@ -32,11 +35,13 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
     SWAPS,
     epsilon_change,
     padding_difference,
+    probe_samples,
     swap_caption,
     swap_loss_gap,
     validation_latents,
 )
 from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
+from perflow_video.evaluation.evidence_samplers import select_prompts  # noqa: E402
 from perflow_video.families import get_family  # noqa: E402
 from perflow_video.tiny.teacher_models import teacher_scheduler  # noqa: E402
 from perflow_video.toy.shape_world import EOS_POSITION, ShapeWorld, ShapeWorldConfig  # noqa: E402
@@ -49,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="tiny-teacher", help="teacher folder or tiny-teacher [%(default)s]")
     p.add_argument("--clips", type=int, default=16, help="validation clips for the loss gap [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="seed of the clips, noise and timesteps [%(default)s]")
+    p.add_argument(
+        "--probe-prompts",
+        type=int,
+        default=0,
+        help="prompts sampled for the probe (1-72; 0 = none) [%(default)s]",
+    )
+    p.add_argument(
+        "--probe-steps", type=int, default=50, help="DDIM steps of the probe samples [%(default)s]"
+    )
+    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the probe samples [%(default)s]")
     p.add_argument("--out", default="", help="also write the JSON here (atomically) ['']")
     return p
 
@@ -83,6 +98,10 @@ def measure(args: argparse.Namespace) -> dict:
             "epsilon_change": eps,
             "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
         }
+    if args.probe_prompts:
+        chosen = select_prompts(str(args.probe_prompts))
+        out["probe"] = probe_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)
+        out["probe"].update(steps=args.probe_steps, cfg=args.cfg)
     return out
 
 

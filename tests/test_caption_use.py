@@ -33,7 +33,9 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "use.json"
-    assert script.main(["--clips", "6", "--out", str(out)]) == 0
+    assert (
+        script.main(["--clips", "6", "--probe-prompts", "3", "--probe-steps", "20", "--out", str(out)]) == 0
+    )
     use = json.loads(out.read_text())
     for attribute in ("colour", "shape"):
         assert use[attribute]["padding_difference"] > 50 * use["direction"]["padding_difference"]
@@ -42,3 +44,4 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
             use["direction"]["epsilon_change"].values()
         )
     assert abs(use["direction"]["swap_loss_gap"]) < 1e-4
+    assert use["probe"]["n"] == 3 and use["probe"]["color"] >= 2 / 3  # its own 20-step clips show the colour

@@ -7,21 +7,28 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
   after the caption's last word (EOS and 70 padding positions of CLIP's 77, what cross-attention reads most);
 * :func:`epsilon_change` - RMS change of the UNet's epsilon from the same noisy latents at a timestep;
 * :func:`swap_loss_gap` - the epsilon loss on noised shape-world clips with the swapped captions minus with
-  the right ones (> 0: the UNet uses the word the right way).
+  the right ones (> 0: the UNet uses the word the right way);
+
+and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
+from perflow_video.evaluation.evidence_models import Teacher
+from perflow_video.evaluation.sampling import sample_latents
 from perflow_video.tiny.teacher_training import epsilon_errors
+from perflow_video.toy.probe import probe_accuracy
 from perflow_video.toy.shape_world import ShapeWorld, parse_prompt, prompt_of
 
 __all__ = [
     "SWAPS",
     "epsilon_change",
     "padding_difference",
+    "probe_samples",
     "swap_caption",
     "swap_loss_gap",
     "validation_latents",
@@ -94,3 +101,17 @@ def validation_latents(
     return z0.unflatten(0, (n, clips.shape[2])).permute(0, 2, 1, 3, 4), [
         world.spec(i).prompt for i in range(n)
     ]
+
+
+@torch.no_grad()
+def probe_samples(
+    teacher: Teacher, prompts: list[str], steps: int, guidance: float, seed: int
+) -> dict[str, float]:
+    """Probe accuracy (colour, shape, direction, all) of the teacher's ``steps``-step DDIM clips of ``prompts``
+    with CFG ``guidance`` (its own scheduler config), one seeded noise per prompt."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *teacher.latent_shape()), generator=g)
+    scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
+    uncond = teacher.conditioning([""] * len(prompts)) if guidance != 1.0 else None
+    z = sample_latents(teacher.unet, scheduler, noise, teacher.conditioning(prompts), uncond, steps, guidance)
+    return probe_accuracy(list(teacher.decode(z)), prompts)
