@@ -115,7 +115,10 @@ def test_video_to_video_takes_the_first_num_frames_and_depends_on_the_input(work
     assert run("--video", str(mirrored), *args, "--output", "m.mp4") == 0
     a, b, m = (mp4_frames(workdir / f"{n}.mp4") for n in "abm")
     assert a.shape == (4, SIZE, SIZE, 3)
-    assert np.array_equal(a, b) and not np.array_equal(a, m)
+    # the clips are compared as decoded MP4: libx264 / swscale sometimes encode the same frames a little
+    # differently (seen as a max difference of 24 on one pixel); the pipeline's frames themselves are equal
+    same, other = np.abs(a.astype(int) - b).mean(), np.abs(a.astype(int) - m).mean()
+    assert same < 1.0 and other > 10.0, (same, other)
 
 
 @pytest.mark.parametrize(
