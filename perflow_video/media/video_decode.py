@@ -390,7 +390,7 @@ def open_video(
 
 class _FallbackReader(VideoReader):
     """decord first; PyAV for what decord fails on: ``get_batch`` errors on some frame widths (16, 24,
-    48, 72 px, decord 0.6.0 and decord2 3.4.0 alike) and files it cannot open (GIF with decord 0.6.0)."""
+    48, 72 px, decord 0.6.0 and decord2 3.4.0 alike; 96 px too on some CPUs) and files it cannot open (GIF with decord 0.6.0)."""
 
     def __init__(self, path: str, info: VideoInfo, threads: int):
         self._pyav = PyAVReader(path, info, threads)
