@@ -9,6 +9,10 @@ circle <-> square, left <-> right, ...; perflow_video/evaluation/caption_use.py)
 * loss gap: epsilon loss on noised shape-world clips with the swapped captions minus the right ones
   (> 0 means the UNet uses the word the right way).
 
+frame order: RMS change of the epsilon at t = 900, 600, 300 when the frames are reversed (and the output
+reversed back), and when they are shuffled; a reversal change far below the shuffle's means the motion
+modules use frame order but not its sign, so they cannot tell left from right.
+
 With --probe-prompts N, also the pixel probe's accuracy on the teacher's own DDIM clips (--probe-steps,
 CFG --cfg) of N of the 72 prompts (spread over colours, shapes and directions).
 
@@ -34,6 +38,7 @@ from perflow_video.errors import exit_status_of  # noqa: E402
 from perflow_video.evaluation.caption_use import (  # noqa: E402
     SWAPS,
     epsilon_change,
+    frame_order_change,
     padding_difference,
     probe_samples,
     swap_caption,
@@ -74,6 +79,19 @@ def hidden_states(teacher, prompts: list[str]) -> torch.Tensor:
     return family.encode_text(teacher.models, prompts, "cpu").encoder_hidden_states
 
 
+def frame_order(teacher, z0: torch.Tensor, noise: torch.Tensor, hidden: torch.Tensor, alphas, g) -> dict:
+    """Epsilon change under reversed and shuffled frames, per timestep, on 4 noised validation clips."""
+    frames = z0.shape[2]
+    orders = {"reversed": torch.arange(frames - 1, -1, -1), "shuffled": torch.randperm(frames, generator=g)}
+    out: dict = {name: {} for name in orders}
+    for step in TIMESTEPS:
+        a = alphas[step]
+        z_t = a.sqrt() * z0[:4] + (1 - a).sqrt() * noise[:4]
+        for name, order in orders.items():
+            out[name][step] = round(frame_order_change(teacher.unet, z_t, step, hidden[:4], order), 5)
+    return out
+
+
 @torch.no_grad()
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
@@ -98,6 +116,7 @@ def measure(args: argparse.Namespace) -> dict:
             "epsilon_change": eps,
             "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
         }
+    out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
     if args.probe_prompts:
         chosen = select_prompts(str(args.probe_prompts))
         out["probe"] = probe_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

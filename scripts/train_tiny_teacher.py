@@ -68,6 +68,7 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     epsilon_errors,
     load_teacher_weights,
     separate_word_embeddings,
+    unet_param_groups,
     video_loss_weights,
 )
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer  # noqa: E402
@@ -185,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5e-4,
         help="UNet learning rate (AdamW, linear warm-up then constant) [%(default)s]",
+    )
+    a(
+        "--motion-lr",
+        type=float,
+        default=0.0,
+        help="learning rate of the motion modules (the MotionAdapter's weights); 0 = the same as --lr. "
+        "A run resumes only with the setting it started with [%(default)s]",
     )
     a(
         "--text-lr",
@@ -486,7 +494,16 @@ def fit_vae(args, arch: TeacherArch, cfg: ShapeWorldConfig, train_dir: Path, met
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         vae.load_state_dict(ck["vae"])
+        if len(ck["opt"]["param_groups"]) != len(groups):
+            was = ck["args"].get("motion_lr", 0.0)
+            raise ConfigError(
+                f"{ckpt_path} was trained with --motion-lr {was} (its optimizer has "
+                f"{len(ck['opt']['param_groups'])} groups), this run has --motion-lr {args.motion_lr}: "
+                "resume with the same setting or start a new --out"
+            )
         opt.load_state_dict(ck["opt"])
+        for g, wanted in zip(opt.param_groups, groups, strict=True):  # the command line's rates, not the ckpt's
+            g["base_lr"] = wanted["base_lr"]
         step = ck["step"]
         print(f"VAE: resumed at step {step}", flush=True)
     world = ShapeWorld("all", seed=args.seed + 101, config=cfg)
@@ -760,7 +777,7 @@ def train_teacher(
     train_text = args.text_lr > 0
     if not train_text:
         encoder.requires_grad_(False)
-    groups = [{"params": list(unet.parameters()), "lr": args.lr, "base_lr": args.lr}]
+    groups = unet_param_groups(unet, args.lr, args.motion_lr)
     if train_text:
         groups.append({"params": list(encoder.parameters()), "lr": args.text_lr, "base_lr": args.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)

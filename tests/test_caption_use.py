@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from perflow_video.evaluation.caption_use import SWAPS, swap_caption
+from perflow_video.evaluation.caption_use import SWAPS, frame_order_change, swap_caption
+from perflow_video.tiny.teacher_models import TeacherArch, teacher_unet_motion
 from perflow_video.toy.shape_world import ALL_PROMPTS, parse_prompt
 
 
@@ -44,4 +46,27 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
             use["direction"]["epsilon_change"].values()
         )
     assert abs(use["direction"]["swap_loss_gap"]) < 1e-4
+    # the motion modules use frame order (shuffling moves epsilon) but hardly its sign (reversing does not)
+    for t in ("600", "300"):
+        assert use["frame_order"]["shuffled"][t] > 0.05
+        assert use["frame_order"]["reversed"][t] < 0.1 * use["frame_order"]["shuffled"][t]
     assert use["probe"]["n"] == 3 and use["probe"]["color"] >= 2 / 3  # its own 20-step clips show the colour
+
+
+def test_frame_order_change_is_zero_without_motion_modules_and_not_with_them():
+    """AnimateDiff's motion modules add proj_out(...) to their input: zeroed, the UNet treats frames independently
+    and no reordering changes its epsilon; with random ones, the reversal does."""
+    arch = TeacherArch()
+    unet = teacher_unet_motion(arch, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.randn(2, 4, 8, arch.frame_size // 4, arch.frame_size // 4, generator=g)
+    hidden = torch.randn(2, 77, arch.text_hidden, generator=g)
+    reverse, shuffle = torch.arange(7, -1, -1), torch.randperm(8, generator=g)
+    assert frame_order_change(unet, z_t, 500, hidden, reverse) > 1e-3
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if "motion_modules" in name and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    for order in (reverse, shuffle):
+        assert frame_order_change(unet, z_t, 500, hidden, order) < 1e-5

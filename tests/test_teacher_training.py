@@ -15,6 +15,7 @@ from perflow_video.errors import ConfigError
 from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
 from perflow_video.tiny.teacher_models import (
     TeacherArch,
+    teacher_motion_adapter,
     teacher_scheduler,
     teacher_text_encoder,
     teacher_unet_motion,
@@ -26,6 +27,7 @@ from perflow_video.tiny.teacher_training import (
     epsilon_errors,
     load_teacher_weights,
     separate_word_embeddings,
+    unet_param_groups,
     video_loss_weights,
 )
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
@@ -273,3 +275,16 @@ def test_caption_token_positions_hold_for_every_prompt():
         ids = tok(prompt).input_ids
         assert ids[DIRECTION_POSITION] == tok(parse_prompt(prompt)[2]).input_ids[1]
         assert ids[EOS_POSITION] == tok.eos_token_id and len(ids) == EOS_POSITION + 1
+
+
+def test_unet_param_groups_put_exactly_the_adapters_weights_in_the_motion_group():
+    unet = teacher_unet_motion(TeacherArch(), seed=0)
+    (single,) = unet_param_groups(unet, 5e-4, 0.0)
+    assert len(single["params"]) == len(list(unet.parameters())) and single["base_lr"] == 5e-4
+    spatial, motion = unet_param_groups(unet, 5e-4, 2e-3)
+    assert (spatial["lr"], motion["lr"], motion["base_lr"]) == (5e-4, 2e-3, 2e-3)
+    adapter_keys = {n for n, _ in teacher_motion_adapter(TeacherArch()).named_parameters()}  # what users load
+    by_id = {id(p): n for n, p in unet.named_parameters()}
+    assert {by_id[id(p)] for p in motion["params"]} == adapter_keys
+    assert len(spatial["params"]) + len(motion["params"]) == len(list(unet.parameters()))
+    assert not {id(p) for p in spatial["params"]} & {id(p) for p in motion["params"]}

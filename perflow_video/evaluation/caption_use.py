@@ -10,6 +10,12 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
   the right ones (> 0: the UNet uses the word the right way);
 
 and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance.
+
+:func:`frame_order_change` asks whether the motion modules can express a direction at all: how much the
+epsilon changes when the clip's frames are reordered (and the output ordered back). A UNet that treats frames
+independently changes by 0 under any order; one whose motion modules are symmetric in time changes by 0
+under reversal. Left and right (up and down) are each other's time reversal, so a reversal-symmetric UNet
+cannot tell them apart, whatever the caption says.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from perflow_video.toy.shape_world import ShapeWorld, parse_prompt, prompt_of
 __all__ = [
     "SWAPS",
     "epsilon_change",
+    "frame_order_change",
     "padding_difference",
     "probe_samples",
     "swap_caption",
@@ -68,6 +75,18 @@ def epsilon_change(unet: torch.nn.Module, z_t: Tensor, t: int, hidden_a: Tensor,
     eps_a = unet(z_t, steps, encoder_hidden_states=hidden_a.repeat_interleave(frames, dim=0)).sample
     eps_b = unet(z_t, steps, encoder_hidden_states=hidden_b.repeat_interleave(frames, dim=0)).sample
     return (eps_b - eps_a).pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def frame_order_change(unet: torch.nn.Module, z_t: Tensor, t: int, hidden: Tensor, order: Tensor) -> float:
+    """RMS of eps(z_t) - eps(z_t[order])[order^-1] over frames (dim 2 of ``z_t``, (B, C, F, h, w)); hidden
+    (B, L, D). 0 for a UNet equivariant to that reordering of the frames."""
+    frames = z_t.shape[2]
+    steps = torch.full((z_t.shape[0],), t)
+    cond = hidden.repeat_interleave(frames, dim=0)
+    eps = unet(z_t, steps, encoder_hidden_states=cond).sample
+    eps_reordered = unet(z_t[:, :, order], steps, encoder_hidden_states=cond).sample[:, :, order.argsort()]
+    return (eps - eps_reordered).pow(2).mean().sqrt().item()
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ runs the loop; ``docs/tiny_teacher.md`` says why each exists):
 * :func:`epsilon_errors` - the DDPM epsilon objective per sample (videos or images), what every stage trains;
 * :func:`draw_timesteps` - uniform, or ``high`` (density rising linearly with t);
 * :func:`video_loss_weights` - the epsilon loss turned into the x0 error where the noise dominates, capped;
+* :func:`unet_param_groups` - the optimizer's UNet groups, the motion modules at their own learning rate
+  when asked (they alone turn a caption's direction into motion);
 * :func:`separate_word_embeddings` - re-draws caption words' input embeddings as orthogonal vectors, so words
   the encoder keeps too close to tell apart start with distinct hidden states;
 * :class:`CaptionAttributeHead` / :func:`caption_attribute_loss` - linear read-outs of a caption's colour,
@@ -34,6 +36,7 @@ __all__ = [
     "epsilon_errors",
     "load_teacher_weights",
     "separate_word_embeddings",
+    "unet_param_groups",
     "video_loss_weights",
 ]
 
@@ -78,6 +81,21 @@ def video_loss_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, cap: float
         raise ConfigError(f"the x0 weight cap must be >= 1 (1 = plain epsilon loss), got {cap}")
     a = alphas_cumprod[t].double()
     return ((1 - a) / a).clamp(min=1.0, max=cap).float()
+
+
+def unet_param_groups(unet: UNetMotionModel, lr: float, motion_lr: float) -> list[dict]:
+    """AdamW groups for ``unet``: one at ``lr``, or - with ``motion_lr`` > 0 - the spatial weights at ``lr``
+    and the motion modules' (the ``motion_modules`` keys, what a ``MotionAdapter`` holds) at ``motion_lr``.
+    Each group keeps its ``base_lr`` for the warm-up."""
+    if motion_lr <= 0:
+        return [{"params": list(unet.parameters()), "lr": lr, "base_lr": lr}]
+    named = list(unet.named_parameters())
+    spatial = [p for n, p in named if "motion_modules" not in n]
+    motion = [p for n, p in named if "motion_modules" in n]
+    return [
+        {"params": spatial, "lr": lr, "base_lr": lr},
+        {"params": motion, "lr": motion_lr, "base_lr": motion_lr},
+    ]
 
 
 def separate_word_embeddings(
