@@ -494,16 +494,7 @@ def fit_vae(args, arch: TeacherArch, cfg: ShapeWorldConfig, train_dir: Path, met
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         vae.load_state_dict(ck["vae"])
-        if len(ck["opt"]["param_groups"]) != len(groups):
-            was = ck["args"].get("motion_lr", 0.0)
-            raise ConfigError(
-                f"{ckpt_path} was trained with --motion-lr {was} (its optimizer has "
-                f"{len(ck['opt']['param_groups'])} groups), this run has --motion-lr {args.motion_lr}: "
-                "resume with the same setting or start a new --out"
-            )
         opt.load_state_dict(ck["opt"])
-        for g, wanted in zip(opt.param_groups, groups, strict=True):  # the command line's rates, not the ckpt's
-            g["base_lr"] = wanted["base_lr"]
         step = ck["step"]
         print(f"VAE: resumed at step {step}", flush=True)
     world = ShapeWorld("all", seed=args.seed + 101, config=cfg)
@@ -797,7 +788,18 @@ def train_teacher(
         encoder.load_state_dict(ck["text_encoder"])
         ema_unet.load_state_dict(ck["ema_unet"])
         ema_text.load_state_dict(ck["ema_text_encoder"])
+        if len(ck["opt"]["param_groups"]) != len(groups):
+            was = ck["args"].get("motion_lr", 0.0)
+            raise ConfigError(
+                f"{ckpt_path} was trained with --motion-lr {was} (its optimizer has "
+                f"{len(ck['opt']['param_groups'])} groups), this run has --motion-lr {args.motion_lr}: "
+                "resume with the same setting or start a new --out"
+            )
         opt.load_state_dict(ck["opt"])
+        for g, wanted in zip(
+            opt.param_groups, groups, strict=True
+        ):  # the command line's rates, not the ckpt's
+            g["base_lr"] = wanted["base_lr"]
         if "text_head" in ck:  # absent in runs from before --text-attribute-loss: the read-outs start fresh
             head.load_state_dict(ck["text_head"])
             head_opt.load_state_dict(ck["text_head_opt"])

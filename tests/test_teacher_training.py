@@ -202,7 +202,7 @@ def _script():
     return module
 
 
-def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: Path):
+def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: Path, capsys):
     """Two steps from the packaged teacher: the step count continues from its teacher_info.json, the VAE
     is its own (no VAE stage), the exported teacher keeps the re-drawn direction words apart."""
     script = _script()
@@ -241,6 +241,17 @@ def test_script_continues_from_a_teacher_folder_with_separated_words(tmp_path: P
     name = "motion_adapter/diffusion_pytorch_model.safetensors"
     weighted, unweighted = load_file(out / name), load_file(plain / name)
     assert any(not torch.equal(weighted[k], unweighted[k]) for k in weighted)
+    # --motion-lr: its own warmed-up rate for the adapter's weights; a resume must keep the setting
+    argv[argv.index("--out") + 1] = str(tmp_path / "motion")
+    assert script.main([*argv, "--motion-lr", "2e-3"]) == 0
+    groups = torch.load(tmp_path / "motion" / "training" / "checkpoint.pt", weights_only=False)["opt"][
+        "param_groups"
+    ]
+    assert [g["lr"] for g in groups] == pytest.approx([5e-4 * 2 / 300, 2e-3 * 2 / 300, 1e-3 * 2 / 300])
+    argv[argv.index("--steps") + 1] = str(start + 3)
+    capsys.readouterr()
+    assert script.main(argv) != 0
+    assert "--motion-lr 0.002" in capsys.readouterr().err
 
 
 def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_partner(tmp_path: Path, capsys):
