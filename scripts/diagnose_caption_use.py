@@ -1,7 +1,8 @@
 """How much a tiny shape-world teacher uses its caption's colour, shape and direction words.
 
 For each attribute, a caption is compared with the same caption whose one word is swapped (red <-> blue,
-circle <-> square, left <-> right, ...; perflow_video/evaluation/caption_use.py):
+circle <-> square, left <-> right, ...; perflow_video/evaluation/caption_use.py; "axis" swaps the direction
+for one at right angles, left <-> up, right <-> down):
 
 * padding: mean norm of the text encoder's hidden-state difference at EOS and the padding (what the UNet's
   cross-attention reads most);

@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -755,15 +756,33 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1.0 - decay)
 
 
-def train_teacher(
-    args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, out: Path, train_dir: Path, metrics: Path
-) -> int:
+@dataclass
+class TeacherRun:
+    """What the teacher stage trains and checkpoints: the models, their EMA, the optimizers, the read-out head,
+    and where the run stands (``warm_start``: the step the warm-up counts from; ``clips_seen``: where the clip
+    stream continues, since --batch-size may change on resume)."""
+
+    unet: torch.nn.Module
+    encoder: torch.nn.Module
+    ema_unet: torch.nn.Module
+    ema_text: torch.nn.Module
+    opt: torch.optim.Optimizer
+    groups: list[dict]
+    head: CaptionAttributeHead
+    head_opt: torch.optim.Optimizer
+    train_text: bool
+    step: int = 0
+    clips_seen: int = 0
+    warm_start: int = 0
+
+
+def build_teacher_run(args, arch: TeacherArch) -> TeacherRun:
     import copy
 
     unet = teacher_unet_motion(arch, seed=args.seed)
     encoder = teacher_text_encoder(arch, seed=args.seed + 2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(encoder).eval()
-    for m in (ema_unet, ema_text, vae):
+    for m in (ema_unet, ema_text):
         m.requires_grad_(False)
     train_text = args.text_lr > 0
     if not train_text:
@@ -776,177 +795,234 @@ def train_teacher(
         torch.manual_seed(args.seed + 3)
         head = CaptionAttributeHead(arch.text_hidden, (len(COLORS), len(SHAPES), len(DIRECTIONS)))
     head_opt = torch.optim.AdamW(head.parameters(), lr=args.text_lr or args.lr, weight_decay=0.0)
-    ckpt_path = train_dir / "checkpoint.pt"
-    # warm_start: the step the warm-up counts from; clips_seen: where the clip stream continues
-    # (--batch-size may change on resume)
-    step = clips_seen = warm_start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["arch"] != arch.to_json():
-            raise SystemExit(f"{ckpt_path} was trained with another architecture: {ck['arch']}")
-        unet.load_state_dict(ck["unet"])
-        encoder.load_state_dict(ck["text_encoder"])
-        ema_unet.load_state_dict(ck["ema_unet"])
-        ema_text.load_state_dict(ck["ema_text_encoder"])
-        if len(ck["opt"]["param_groups"]) != len(groups):
-            was = ck["args"].get("motion_lr", 0.0)
-            raise ConfigError(
-                f"{ckpt_path} was trained with --motion-lr {was} (its optimizer has "
-                f"{len(ck['opt']['param_groups'])} groups), this run has --motion-lr {args.motion_lr}: "
-                "resume with the same setting or start a new --out"
-            )
-        opt.load_state_dict(ck["opt"])
-        for g, wanted in zip(
-            opt.param_groups, groups, strict=True
-        ):  # the command line's rates, not the ckpt's
-            g["base_lr"] = wanted["base_lr"]
-        if "text_head" in ck:  # absent in runs from before --text-attribute-loss: the read-outs start fresh
-            head.load_state_dict(ck["text_head"])
-            head_opt.load_state_dict(ck["text_head_opt"])
-        step = ck["step"]
-        clips_seen = ck.get("clips_seen", step * ck["args"]["batch_size"])
-        warm_start = ck.get("warm_start", 0)
-        print(f"teacher: resumed at step {step} ({clips_seen} clips seen)", flush=True)
-        if args.init_from:
-            print(f"teacher: --init-from {args.init_from} ignored (resuming {ckpt_path})", flush=True)
-        _append_jsonl(metrics, {"kind": "resume", "step": step, "time": time.time()})
-    elif args.init_from:
-        step = load_teacher_weights(Path(args.init_from), arch, unet, encoder)
-        if step >= args.steps:
-            raise ConfigError(f"--steps {args.steps}: --init-from {args.init_from} is already at step {step}")
-        clips_seen, warm_start = step * args.batch_size, step
-        words = [w for w in args.separate_words.split(",") if w]
-        if words:
-            separate_word_embeddings(encoder, words, args.separate_norm, _gen(args.seed, 0x5E9))
-        ema_unet.load_state_dict(unet.state_dict())
-        ema_text.load_state_dict(encoder.state_dict())
-        print(
-            f"teacher: initialised from {args.init_from} (step {step}; re-drawn words: {words})", flush=True
-        )
-        _append_jsonl(metrics, {"kind": "init_from", "folder": args.init_from, "step": step, "words": words})
+    return TeacherRun(unet, encoder, ema_unet, ema_text, opt, groups, head, head_opt, train_text)
 
-    def save_ckpt() -> None:
-        _save_torch_atomic(
-            {
-                "step": step,
-                "clips_seen": clips_seen,
-                "warm_start": warm_start,
-                "arch": arch.to_json(),
-                "args": vars(args)
-                | {"vae_channels": list(args.vae_channels), "unet_channels": list(args.unet_channels)},
-                "unet": unet.state_dict(),
-                "text_encoder": encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text_encoder": ema_text.state_dict(),
-                "opt": opt.state_dict(),
-                "text_head": head.state_dict(),
-                "text_head_opt": head_opt.state_dict(),
-            },
-            ckpt_path,
-        )
 
-    n_unet = sum(p.numel() for p in unet.parameters())
-    n_text = sum(p.numel() for p in encoder.parameters())
-    n_vae = sum(p.numel() for p in vae.parameters())
+def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) -> None:
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ck["arch"] != arch.to_json():
+        raise SystemExit(f"{ckpt_path} was trained with another architecture: {ck['arch']}")
+    run.unet.load_state_dict(ck["unet"])
+    run.encoder.load_state_dict(ck["text_encoder"])
+    run.ema_unet.load_state_dict(ck["ema_unet"])
+    run.ema_text.load_state_dict(ck["ema_text_encoder"])
+    if len(ck["opt"]["param_groups"]) != len(run.groups):
+        raise ConfigError(
+            f"{ckpt_path} was trained with --motion-lr {ck['args'].get('motion_lr', 0.0)} (its optimizer has "
+            f"{len(ck['opt']['param_groups'])} groups), this run has --motion-lr {args.motion_lr}: "
+            "resume with the same setting or start a new --out"
+        )
+    run.opt.load_state_dict(ck["opt"])
+    for g, wanted in zip(run.opt.param_groups, run.groups, strict=True):
+        g["base_lr"] = wanted["base_lr"]  # the command line's rates, not the checkpoint's
+    if "text_head" in ck:  # absent in runs from before --text-attribute-loss: the read-outs start fresh
+        run.head.load_state_dict(ck["text_head"])
+        run.head_opt.load_state_dict(ck["text_head_opt"])
+    run.step = ck["step"]
+    run.clips_seen = ck.get("clips_seen", run.step * ck["args"]["batch_size"])
+    run.warm_start = ck.get("warm_start", 0)
+    print(f"teacher: resumed at step {run.step} ({run.clips_seen} clips seen)", flush=True)
+    if args.init_from:
+        print(f"teacher: --init-from {args.init_from} ignored (resuming {ckpt_path})", flush=True)
+
+
+def init_teacher_from(run: TeacherRun, args, arch: TeacherArch, metrics: Path) -> None:
+    step = load_teacher_weights(Path(args.init_from), arch, run.unet, run.encoder)
+    if step >= args.steps:
+        raise ConfigError(f"--steps {args.steps}: --init-from {args.init_from} is already at step {step}")
+    run.step, run.clips_seen, run.warm_start = step, step * args.batch_size, step
+    words = [w for w in args.separate_words.split(",") if w]
+    if words:
+        separate_word_embeddings(run.encoder, words, args.separate_norm, _gen(args.seed, 0x5E9))
+    run.ema_unet.load_state_dict(run.unet.state_dict())
+    run.ema_text.load_state_dict(run.encoder.state_dict())
+    print(f"teacher: initialised from {args.init_from} (step {step}; re-drawn words: {words})", flush=True)
+    _append_jsonl(metrics, {"kind": "init_from", "folder": args.init_from, "step": step, "words": words})
+
+
+def save_teacher_checkpoint(run: TeacherRun, args, arch: TeacherArch, path: Path) -> None:
+    _save_torch_atomic(
+        {
+            "step": run.step,
+            "clips_seen": run.clips_seen,
+            "warm_start": run.warm_start,
+            "arch": arch.to_json(),
+            "args": vars(args)
+            | {"vae_channels": list(args.vae_channels), "unet_channels": list(args.unet_channels)},
+            "unet": run.unet.state_dict(),
+            "text_encoder": run.encoder.state_dict(),
+            "ema_unet": run.ema_unet.state_dict(),
+            "ema_text_encoder": run.ema_text.state_dict(),
+            "opt": run.opt.state_dict(),
+            "text_head": run.head.state_dict(),
+            "text_head_opt": run.head_opt.state_dict(),
+        },
+        path,
+    )
+
+
+@dataclass
+class TeacherData:
+    """The teacher stage's fixed inputs: the VAE, the clip streams, the schedule, the text and the read-out
+    targets (the 66 training prompts with their attribute labels)."""
+
+    vae: torch.nn.Module
+    world: ShapeWorld
+    image_world: ShapeWorld
+    unet2d: torch.nn.Module | None
+    alphas: torch.Tensor
+    text: Text
+    attr_prompts: list[str]
+    attr_labels: torch.Tensor
+
+
+def teacher_data(args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, run: TeacherRun) -> TeacherData:
+    attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
+    return TeacherData(
+        vae=vae,
+        world=ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt),
+        image_world=ShapeWorld("train", seed=args.seed + 0x1AA6E, config=cfg, drop_prompt=args.drop_prompt),
+        unet2d=tied_image_unet(run.unet, arch) if args.image_batch > 0 else None,
+        alphas=teacher_scheduler().alphas_cumprod,
+        text=Text(run.encoder),
+        attr_prompts=attr_prompts,
+        attr_labels=torch.tensor([attribute_labels(p) for p in attr_prompts]),
+    )
+
+
+def teacher_step(run: TeacherRun, data: TeacherData, args) -> dict[str, float]:
+    """One optimizer step of the teacher (and the read-out head); returns its losses."""
+    step = run.step
+    for g in run.opt.param_groups:
+        g["lr"] = g["base_lr"] * min(1.0, (step + 1 - run.warm_start) / max(args.warmup, 1))
+    gen = _gen(args.seed, 0x7EAC, step)
+    clips, captions, t = video_batch(data.world, run.clips_seen, args, step, gen, len(data.alphas))
+    z0 = encode_clips(data.vae, clips, gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    hidden = data.text(captions).repeat_interleave(args.num_frames, dim=0)
+    per_clip = epsilon_errors(run.unet, z0, noise, t, hidden, data.alphas)
+    losses = {"loss": per_clip.mean().item()}
+    total = (video_loss_weights(t, data.alphas, args.x0_weight_max) * per_clip).mean()
+    if args.text_attribute_loss > 0:
+        attr = caption_attribute_loss(
+            run.head, data.text(data.attr_prompts), data.attr_labels, DIRECTION_POSITION
+        )
+        losses["text_attribute_loss"] = attr.item()
+        total = total + args.text_attribute_loss * attr
+    if data.unet2d is not None and step >= args.image_start_step:
+        img_loss = image_loss(data.unet2d, data.vae, data.text, data.image_world, step, args, data.alphas)
+        losses["image_loss"] = img_loss.item()
+        total = total + img_loss
+    run.opt.zero_grad(set_to_none=True)
+    run.head_opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], args.grad_clip)
+    run.opt.step()
+    run.head_opt.step()
+    decay = min(args.ema, (1 + step) / (10 + step))  # warm EMA: early snapshots are not the init
+    _ema_update(run.ema_unet, run.unet, decay)
+    if run.train_text:
+        _ema_update(run.ema_text, run.encoder, decay)
+    run.step += 1
+    run.clips_seen += args.batch_size // 2 if args.reversal_pairs else args.batch_size
+    return losses
+
+
+def loss_record(run: TeacherRun, window: list[dict[str, float]], seconds: float) -> dict:
+    """The metrics.jsonl line of the last --log-every steps: mean of each loss, lr, seconds per step."""
+    rec = {
+        "kind": "loss",
+        "step": run.step,
+        "loss": float(np.mean([w["loss"] for w in window])),
+        "lr": run.opt.param_groups[0]["lr"],
+        "sec_per_step": seconds / len(window),
+        "time": time.time(),
+    }
+    for name in ("image_loss", "text_attribute_loss"):
+        values = [w[name] for w in window if name in w]
+        if values:
+            rec[name] = float(np.mean(values))
+    return rec
+
+
+def evaluate_and_snapshot(
+    run: TeacherRun,
+    data: TeacherData,
+    args,
+    arch: TeacherArch,
+    cfg: ShapeWorldConfig,
+    out: Path,
+    metrics: Path,
+) -> None:
+    """Samples and probes the EMA teacher, logs it, and writes it to ``<out>/snapshot``."""
+    prompts = eval_prompts(args.eval_train_prompts, args.eval_held_out)
+    ev = evaluate_teacher(
+        run.ema_unet,
+        run.ema_text,
+        data.vae,
+        data.text,
+        args,
+        arch,
+        prompts,
+        run.step,
+        out / "training" / "samples",
+        cfg,
+    )
+    ev["time"] = time.time()
+    _append_jsonl(metrics, ev)
     print(
-        f"teacher: UNetMotionModel {n_unet / 1e6:.2f} M, CLIPTextModel {n_text / 1e6:.3f} M, "
-        f"AutoencoderKL {n_vae / 1e6:.3f} M params",
+        f"\neval step {run.step}: train {ev.get('train')} held_out {ev.get('held_out')} "
+        f"speed {ev['mean_speed_px_per_frame']} val_loss {ev['val_loss']} ({ev['eval_seconds']} s)",
         flush=True,
     )
-    world = ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt)
-    image_world = ShapeWorld("train", seed=args.seed + 0x1AA6E, config=cfg, drop_prompt=args.drop_prompt)
-    unet2d = tied_image_unet(unet, arch) if args.image_batch > 0 else None
-    sched = teacher_scheduler()
-    alphas = sched.alphas_cumprod
-    text = Text(encoder)
-    prompts = eval_prompts(args.eval_train_prompts, args.eval_held_out)
-    unet.train()
-    encoder.train(train_text)
-    t_start, last_ckpt, losses, t_log = time.time(), time.time(), [], time.time()
-    image_losses: list[float] = []
-    attr_losses: list[float] = []
-    attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
-    attr_labels = torch.tensor([attribute_labels(p) for p in attr_prompts])
-    bar = tqdm(total=args.steps, initial=step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60)
-    while step < args.steps:
+    export_teacher(out / "snapshot", data.vae, run.ema_text, run.ema_unet, arch, run.step)
+    run.unet.train()
+    run.encoder.train(run.train_text)
+
+
+def train_teacher(
+    args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, out: Path, train_dir: Path, metrics: Path
+) -> int:
+    run = build_teacher_run(args, arch)
+    ckpt_path = train_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        resume_teacher(run, ckpt_path, args, arch)
+        _append_jsonl(metrics, {"kind": "resume", "step": run.step, "time": time.time()})
+    elif args.init_from:
+        init_teacher_from(run, args, arch, metrics)
+    sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in
+             (("UNetMotionModel", run.unet), ("CLIPTextModel", run.encoder), ("AutoencoderKL", vae))}  # fmt: skip
+    print("teacher: " + ", ".join(f"{k} {v:.3f} M" for k, v in sizes.items()) + " params", flush=True)
+    data = teacher_data(args, arch, cfg, vae, run)
+    run.unet.train()
+    run.encoder.train(run.train_text)
+    t_start, last_ckpt, t_log, window = time.time(), time.time(), time.time(), []
+    bar = tqdm(
+        total=args.steps, initial=run.step, desc="teacher", mininterval=10 if sys.stderr.isatty() else 60
+    )
+    while run.step < args.steps:
         if _STOP["requested"] or (args.max_minutes and time.time() - T0 > args.max_minutes * 60):
             break
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * min(1.0, (step + 1 - warm_start) / max(args.warmup, 1))
-        gen = _gen(args.seed, 0x7EAC, step)
-        clips, captions, t = video_batch(world, clips_seen, args, step, gen, sched.config.num_train_timesteps)
-        z0 = encode_clips(vae, clips, gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        hidden = text(captions).repeat_interleave(args.num_frames, dim=0)
-        per_clip = epsilon_errors(unet, z0, noise, t, hidden, alphas)
-        loss = per_clip.mean()
-        total = (video_loss_weights(t, alphas, args.x0_weight_max) * per_clip).mean()
-        if args.text_attribute_loss > 0:
-            attr = caption_attribute_loss(head, text(attr_prompts), attr_labels, DIRECTION_POSITION)
-            attr_losses.append(attr.item())
-            total = total + args.text_attribute_loss * attr
-        if unet2d is not None and step >= args.image_start_step:
-            img_loss = image_loss(unet2d, vae, text, image_world, step, args, alphas)
-            image_losses.append(img_loss.item())
-            total = total + img_loss
-        opt.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.grad_clip)
-        opt.step()
-        head_opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))  # warm EMA: early snapshots are not the init
-        _ema_update(ema_unet, unet, decay)
-        if train_text:
-            _ema_update(ema_text, encoder, decay)
-        step += 1
-        clips_seen += args.batch_size // 2 if args.reversal_pairs else args.batch_size
-        losses.append(loss.item())
+        window.append(teacher_step(run, data, args))
         bar.update(1)
-        if step % args.log_every == 0:
-            now = time.time()
-            rec = {
-                "kind": "loss",
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "lr": opt.param_groups[0]["lr"],
-                "sec_per_step": (now - t_log) / len(losses),
-                "time": now,
-            }
-            if image_losses:
-                rec["image_loss"] = float(np.mean(image_losses))
-                image_losses = []
-            if attr_losses:
-                rec["text_attribute_loss"] = float(np.mean(attr_losses))
-                attr_losses = []
+        if run.step % args.log_every == 0:
+            rec = loss_record(run, window, time.time() - t_log)
             _append_jsonl(metrics, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            losses, t_log = [], now
-        if step % args.eval_every == 0 or step == args.steps:
-            ev = evaluate_teacher(
-                ema_unet, ema_text, vae, text, args, arch, prompts, step, train_dir / "samples", cfg
-            )
-            ev["time"] = time.time()
-            _append_jsonl(metrics, ev)
-            print(
-                f"\neval step {step}: train {ev.get('train')} held_out {ev.get('held_out')} "
-                f"speed {ev['mean_speed_px_per_frame']} val_loss {ev['val_loss']} ({ev['eval_seconds']} s)",
-                flush=True,
-            )
-            export_teacher(out / "snapshot", vae, ema_text, ema_unet, arch, step)
-            unet.train()
-            encoder.train(train_text)
+            window, t_log = [], time.time()
+        if run.step % args.eval_every == 0 or run.step == args.steps:
+            evaluate_and_snapshot(run, data, args, arch, cfg, out, metrics)
             t_log = time.time()
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
-            save_ckpt()
+            save_teacher_checkpoint(run, args, arch, ckpt_path)
             last_ckpt = time.time()
     bar.close()
-    save_ckpt()
-    if step >= args.steps and not args.no_final_export:
-        export_final(out, vae, ema_text, ema_unet, arch, step)
-        print(f"teacher: final EMA teacher written to {out} (step {step})", flush=True)
-    print(f"teacher: stopped at step {step} after {(time.time() - t_start) / 60:.1f} min", flush=True)
-    return step
+    save_teacher_checkpoint(run, args, arch, ckpt_path)
+    if run.step >= args.steps and not args.no_final_export:
+        export_final(out, vae, run.ema_text, run.ema_unet, arch, run.step)
+        print(f"teacher: final EMA teacher written to {out} (step {run.step})", flush=True)
+    print(f"teacher: stopped at step {run.step} after {(time.time() - t_start) / 60:.1f} min", flush=True)
+    return run.step
 
 
 T0 = time.time()

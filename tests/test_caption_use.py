@@ -14,9 +14,9 @@ from perflow_video.tiny.teacher_models import TeacherArch, teacher_unet_motion
 from perflow_video.toy.shape_world import ALL_PROMPTS, parse_prompt
 
 
-@pytest.mark.parametrize("attribute", ["colour", "direction"])
+@pytest.mark.parametrize("attribute", ["colour", "direction", "axis"])
 def test_colour_and_direction_swaps_are_involutions_that_change_one_word(attribute):
-    index = {"colour": 0, "shape": 1, "direction": 2}[attribute]
+    index = {"colour": 0, "shape": 1, "direction": 2, "axis": 2}[attribute]
     for prompt in ALL_PROMPTS:
         swapped = swap_caption(prompt, attribute)
         a, b = parse_prompt(prompt), parse_prompt(swapped)
@@ -24,7 +24,7 @@ def test_colour_and_direction_swaps_are_involutions_that_change_one_word(attribu
             x for i, x in enumerate(b) if i != index
         ]
         assert swap_caption(swapped, attribute) == prompt
-    assert set(SWAPS) == {"colour", "shape", "direction"}
+    assert set(SWAPS) == {"colour", "shape", "direction", "axis"}
 
 
 def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: Path):
@@ -45,7 +45,7 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
         assert min(use[attribute]["epsilon_change"].values()) > 20 * max(
             use["direction"]["epsilon_change"].values()
         )
-    assert abs(use["direction"]["swap_loss_gap"]) < 1e-4
+    assert abs(use["direction"]["swap_loss_gap"]) < 1e-4 and abs(use["axis"]["swap_loss_gap"]) < 1e-4
     # the motion modules use frame order (shuffling moves epsilon) but hardly its sign (reversing does not)
     for t in ("600", "300"):
         assert use["frame_order"]["shuffled"][t] > 0.05

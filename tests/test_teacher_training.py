@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,7 @@ def _script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_teacher.py"
     spec = importlib.util.spec_from_file_location("train_tiny_teacher", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: the script's dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -42,12 +42,14 @@ __all__ = [
 ]
 
 #: The word each attribute's swap puts in place of each word (colours and directions in pairs; shapes in a
-#: cycle circle -> square -> circle, triangle -> circle).
+#: cycle circle -> square -> circle, triangle -> circle). ``direction`` swaps a direction for its opposite
+#: (the same clip played backwards), ``axis`` for one at right angles (not a time reversal).
 SWAPS: dict[str, dict[str, str]] = {
     "colour": {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "purple": "white",
                "white": "purple"},
     "shape": {"circle": "square", "square": "circle", "triangle": "circle"},
     "direction": {"left": "right", "right": "left", "up": "down", "down": "up"},
+    "axis": {"left": "up", "up": "left", "right": "down", "down": "right"},
 }  # fmt: skip
 
 
@@ -59,7 +61,7 @@ def swap_caption(prompt: str, attribute: str) -> str:
         return prompt_of(table[color], shape, direction)
     if attribute == "shape":
         return prompt_of(color, table[shape], direction)
-    return prompt_of(color, shape, table[direction])
+    return prompt_of(color, shape, table[direction])  # direction, axis
 
 
 def padding_difference(hidden_a: Tensor, hidden_b: Tensor, first_position: int) -> float:
