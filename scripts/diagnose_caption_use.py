@@ -10,6 +10,11 @@ for one at right angles, left <-> up, right <-> down):
 * loss gap: epsilon loss on noised shape-world clips with the swapped captions minus the right ones
   (> 0 means the UNet uses the word the right way).
 
+x0 track: the slope (pixels per frame, along the caption's direction) of the centroid track of the decoded
+x0 prediction from pure noise at t = 999, 900, 700, without guidance and with --cfg, over 32 captions (8 per
+direction, the same 8 noises for each), beside the same slope of the data's mean clip per direction (~0.9):
+where sampling decides the direction, does the teacher know it? (0 for a teacher that ignores the word.)
+
 frame order: RMS change of the epsilon at t = 900, 600, 300 when the frames are reversed (and the output
 reversed back), and when they are shuffled; a reversal change far below the shuffle's means the motion
 modules use frame order but not its sign, so they cannot tell left from right.
@@ -38,6 +43,7 @@ from perflow_video.atomic_files import atomic_destination  # noqa: E402
 from perflow_video.errors import exit_status_of  # noqa: E402
 from perflow_video.evaluation.caption_use import (  # noqa: E402
     SWAPS,
+    centroid_track_slope,
     epsilon_change,
     frame_order_change,
     padding_difference,
@@ -45,12 +51,20 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
     swap_caption,
     swap_loss_gap,
     validation_latents,
+    x0_from_noise,
 )
 from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
 from perflow_video.evaluation.evidence_samplers import select_prompts  # noqa: E402
 from perflow_video.families import get_family  # noqa: E402
 from perflow_video.tiny.teacher_models import teacher_scheduler  # noqa: E402
-from perflow_video.toy.shape_world import EOS_POSITION, ShapeWorld, ShapeWorldConfig  # noqa: E402
+from perflow_video.toy.shape_world import (  # noqa: E402
+    DIRECTION_VECTORS,
+    EOS_POSITION,
+    ShapeWorld,
+    ShapeWorldConfig,
+    parse_prompt,
+    prompt_of,
+)
 
 TIMESTEPS = (900, 600, 300)
 
@@ -93,6 +107,38 @@ def frame_order(teacher, z0: torch.Tensor, noise: torch.Tensor, hidden: torch.Te
     return out
 
 
+X0_TRACK_TIMESTEPS = (999, 900, 700)
+
+
+def x0_track(teacher, alphas, guidance: float, seed: int) -> dict:
+    """Mean centroid-track slope along the caption's direction of the x0 prediction from noise, per timestep
+    and guidance (8 captions per direction, the same 8 noises for every direction, so a track that does not
+    depend on the word averages to 0), and of the data's mean clip (200 clips per direction)."""
+    looks = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("white", "circle")] * 2
+    directions = [d for d in DIRECTION_VECTORS for _ in looks]
+    prompts = [prompt_of(c, s, d) for d in DIRECTION_VECTORS for c, s in looks]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(looks), *teacher.latent_shape()), generator=g).repeat(
+        len(DIRECTION_VECTORS), 1, 1, 1, 1
+    )
+    hidden, empty = hidden_states(teacher, prompts), hidden_states(teacher, [""] * len(prompts))
+    out: dict = {}
+    for step in X0_TRACK_TIMESTEPS:
+        out[step] = {}
+        for w in sorted({1.0, guidance}):
+            x0 = x0_from_noise(teacher.unet, noise, step, hidden, empty, w, alphas)
+            out[step][f"cfg{w:g}"] = round(
+                centroid_track_slope(teacher.decode(x0), directions).mean().item(), 3
+            )
+    world = ShapeWorld("all", seed=seed + 77, config=ShapeWorldConfig())
+    clips: dict[str, list] = {d: [] for d in DIRECTION_VECTORS}
+    for i in range(200 * len(DIRECTION_VECTORS)):
+        clips[parse_prompt(world.spec(i).prompt)[2]].append(world.clip(i))
+    means = torch.stack([torch.stack(c).mean(dim=0) for c in clips.values()])
+    out["data_mean_clip"] = round(centroid_track_slope(means, list(clips)).mean().item(), 3)
+    return out
+
+
 @torch.no_grad()
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
@@ -118,6 +164,7 @@ def measure(args: argparse.Namespace) -> dict:
             "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
         }
     out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
+    out["x0_track"] = x0_track(teacher, alphas, args.cfg, args.seed)
     if args.probe_prompts:
         chosen = select_prompts(str(args.probe_prompts))
         out["probe"] = probe_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

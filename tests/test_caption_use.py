@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from perflow_video.evaluation.caption_use import SWAPS, frame_order_change, swap_caption
+from perflow_video.evaluation.caption_use import SWAPS, centroid_track_slope, frame_order_change, swap_caption
 from perflow_video.tiny.teacher_models import TeacherArch, teacher_unet_motion
-from perflow_video.toy.shape_world import ALL_PROMPTS, parse_prompt
+from perflow_video.toy.shape_world import ALL_PROMPTS, ShapeWorld, parse_prompt, render_clip, reversed_spec
 
 
 @pytest.mark.parametrize("attribute", ["colour", "direction", "axis"])
@@ -50,6 +50,10 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     for t in ("600", "300"):
         assert use["frame_order"]["shuffled"][t] > 0.05
         assert use["frame_order"]["reversed"][t] < 0.1 * use["frame_order"]["shuffled"][t]
+    # where sampling starts, its x0 moves the same way whatever the direction word; the data's mean clip does not
+    assert use["x0_track"]["data_mean_clip"] > 0.8
+    for t in ("999", "900", "700"):
+        assert max(abs(v) for v in use["x0_track"][t].values()) < 0.02
     assert use["probe"]["n"] == 3 and use["probe"]["color"] >= 2 / 3  # its own 20-step clips show the colour
 
 
@@ -70,3 +74,16 @@ def test_frame_order_change_is_zero_without_motion_modules_and_not_with_them():
                 module.bias.zero_()
     for order in (reverse, shuffle):
         assert frame_order_change(unet, z_t, 500, hidden, order) < 1e-5
+
+
+def test_centroid_track_slope_is_the_clips_speed_along_its_direction_and_flips_when_played_backwards():
+    world = ShapeWorld("all", seed=3)
+    specs = [world.spec(i) for i in range(8)]
+    clips = torch.stack([render_clip(s) for s in specs])
+    slopes = centroid_track_slope(clips, [s.direction for s in specs])
+    assert slopes == pytest.approx(torch.tensor([s.travel / 15 for s in specs]), abs=0.05)
+    # the same clips scored against the opposite direction, or played backwards, move the other way
+    backwards = torch.stack([render_clip(reversed_spec(s)) for s in specs])
+    assert centroid_track_slope(backwards, [s.direction for s in specs]) == pytest.approx(-slopes, abs=0.05)
+    static = clips[:, :, :1].expand_as(clips)
+    assert centroid_track_slope(static, [s.direction for s in specs]).abs().max() < 1e-4

@@ -11,6 +11,11 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
 
 and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance.
 
+:func:`x0_from_noise` and :func:`centroid_track_slope` ask whether the teacher knows the direction where sampling
+decides it, at the first steps: the slope of the decoded x0 prediction's centroid track from pure noise,
+along the caption's direction. The data's mean clip per direction moves ~0.9 px / frame (a clip moving left
+starts on the right); a teacher that ignores the word predicts the same track for every direction.
+
 :func:`frame_order_change` asks whether the motion modules can express a direction at all: how much the
 epsilon changes when the clip's frames are reordered (and the output ordered back). A UNet that treats frames
 independently changes by 0 under any order; one whose motion modules are symmetric in time changes by 0
@@ -28,10 +33,12 @@ from perflow_video.evaluation.evidence_models import Teacher
 from perflow_video.evaluation.sampling import sample_latents
 from perflow_video.tiny.teacher_training import epsilon_errors
 from perflow_video.toy.probe import probe_accuracy
-from perflow_video.toy.shape_world import ShapeWorld, parse_prompt, prompt_of
+from perflow_video.toy.shape_world import DIRECTION_VECTORS, ShapeWorld, parse_prompt, prompt_of
+from perflow_video.toy.toy_clips import BACKGROUND
 
 __all__ = [
     "SWAPS",
+    "centroid_track_slope",
     "epsilon_change",
     "frame_order_change",
     "padding_difference",
@@ -39,6 +46,7 @@ __all__ = [
     "swap_caption",
     "swap_loss_gap",
     "validation_latents",
+    "x0_from_noise",
 ]
 
 #: The word each attribute's swap puts in place of each word (colours and directions in pairs; shapes in a
@@ -136,3 +144,46 @@ def probe_samples(
     uncond = teacher.conditioning([""] * len(prompts)) if guidance != 1.0 else None
     z = sample_latents(teacher.unet, scheduler, noise, teacher.conditioning(prompts), uncond, steps, guidance)
     return probe_accuracy(list(teacher.decode(z)), prompts)
+
+
+def centroid_track_slope(clips: Tensor, directions: list[str]) -> Tensor:
+    """Per clip, the least-squares slope (pixels per frame) of its centroid track along its direction.
+
+    ``clips`` (N, 3, F, H, W) in [-1, 1]; each pixel weighs its RGB distance from the background above the
+    frame's median distance (so a blurry mean clip has a centroid too). > 0: the mass moves the named way.
+    """
+    background = torch.tensor(BACKGROUND, dtype=clips.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
+    dist = (clips - background).norm(dim=1)  # (N, F, H, W)
+    mass = (dist - dist.flatten(2).median(dim=2).values[..., None, None]).clamp(min=0) + 1e-8
+    size_y, size_x = mass.shape[-2:]
+    ys = torch.arange(size_y, dtype=clips.dtype).view(1, 1, -1, 1)
+    xs = torch.arange(size_x, dtype=clips.dtype).view(1, 1, 1, -1)
+    total = mass.sum(dim=(2, 3))
+    cy, cx = (mass * ys).sum(dim=(2, 3)) / total, (mass * xs).sum(dim=(2, 3)) / total  # (N, F)
+    unit = torch.tensor([DIRECTION_VECTORS[d] for d in directions], dtype=clips.dtype)  # (N, 2): (dy, dx)
+    along = cy * unit[:, :1] + cx * unit[:, 1:]
+    f = torch.arange(along.shape[1], dtype=clips.dtype)
+    f = f - f.mean()
+    return (f * (along - along.mean(dim=1, keepdim=True))).sum(dim=1) / (f * f).sum()
+
+
+@torch.no_grad()
+def x0_from_noise(
+    unet: torch.nn.Module,
+    noise: Tensor,
+    t: int,
+    hidden: Tensor,
+    hidden_empty: Tensor,
+    guidance: float,
+    alphas_cumprod: Tensor,
+) -> Tensor:
+    """The UNet's (guided) x0 prediction when ``noise`` (B, C, F, h, w) is taken as z_t at timestep ``t`` -
+    what the first sampling step aims at. hidden, hidden_empty (B, L, D)."""
+    frames = noise.shape[2]
+    steps = torch.full((noise.shape[0],), t)
+    eps = unet(noise, steps, encoder_hidden_states=hidden.repeat_interleave(frames, dim=0)).sample
+    if guidance != 1.0:
+        eps_u = unet(noise, steps, encoder_hidden_states=hidden_empty.repeat_interleave(frames, dim=0)).sample
+        eps = eps_u + guidance * (eps - eps_u)
+    a = alphas_cumprod[t]
+    return (noise - (1 - a).sqrt() * eps) / a.sqrt()
