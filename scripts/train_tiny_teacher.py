@@ -226,11 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--t-sampling",
-        choices=("uniform", "high"),
+        choices=("uniform", "high", "top"),
         default="uniform",
-        help="timestep distribution of the epsilon loss: uniform, or high = density rising linearly with t "
+        help="timestep distribution of the epsilon loss: uniform; high = density rising linearly with t "
         "(75%% of draws above t = 500, where the caption decides colour, shape and path; the optimum per "
-        "t is unchanged, only its weight) [%(default)s]",
+        "t is unchanged, only its weight); top = uniform over t >= 800 only (a diagnostic: the first sampling "
+        "steps, where the path is decided; lower t are not trained) [%(default)s]",
     )
     a(
         "--t-sampling-start-step",

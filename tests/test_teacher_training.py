@@ -91,6 +91,8 @@ def test_high_timesteps_put_three_quarters_above_the_middle():
     assert abs((t >= 500).float().mean().item() - 0.75) < 0.01
     u = draw_timesteps(40_000, torch.Generator().manual_seed(1), "uniform")
     assert abs((u >= 500).float().mean().item() - 0.5) < 0.01
+    top = draw_timesteps(40_000, torch.Generator().manual_seed(1), "top")
+    assert top.min() == 800 and top.max() == 999 and abs(top.float().mean().item() - 899.5) < 1
     with pytest.raises(ConfigError, match="uniform"):
         draw_timesteps(3, torch.Generator(), "low")
 

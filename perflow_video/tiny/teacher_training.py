@@ -57,12 +57,15 @@ def epsilon_errors(
 
 
 def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """``n`` training timesteps: ``uniform``, or ``high`` (density proportional to t + 1/2:
-    t = floor(T sqrt(u)), so 75 % of the draws lie above T / 2)."""
+    """``n`` training timesteps: ``uniform``; ``high`` (density proportional to t + 1/2: t = floor(T sqrt(u)),
+    so 75 % of the draws lie above T / 2); or ``top`` (uniform over the top fifth, t >= 0.8 T: where the
+    first sampling steps decide the object's path, nothing else trained)."""
     if kind == "uniform":
         return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    if kind == "top":
+        return torch.randint(num_train_timesteps * 4 // 5, num_train_timesteps, (n,), generator=gen)
     if kind != "high":
-        raise ConfigError(f"timestep sampling must be 'uniform' or 'high', got {kind!r}")
+        raise ConfigError(f"timestep sampling must be 'uniform', 'high' or 'top', got {kind!r}")
     u = torch.rand(n, generator=gen)
     return (num_train_timesteps * u.sqrt()).floor().long().clamp(max=num_train_timesteps - 1)
 
