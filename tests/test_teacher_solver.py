@@ -10,6 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from perflow_video.evaluation.solver_study import (
     load_tiny_teacher,
     restricted_scheduler,
+    run_study,
     window_grid,
     window_starts,
 )
@@ -307,3 +308,21 @@ def test_on_the_trained_tiny_teacher_four_multistep_steps_beat_eight_ddim_steps(
             name: (solve(name, m) - ref).pow(2).mean().sqrt().item() for name, m in (("ddim", 8), (solver, 4))
         }
         assert err[solver] <= 0.8 * err["ddim"], (k, err)
+
+
+def test_the_study_scores_its_reference_at_zero_and_fewer_steps_worse_and_matches_diffusers():
+    """run_study on the shipped teacher, tiny: DDIM at the reference's own M reproduces it exactly, DDIM-2 is
+    farther from it than DDIM-4 in every window, and diffusers' DPM-Solver++ restricted to the window agrees
+    with ours (the cross-check the study reports)."""
+    torch.set_num_threads(1)
+    runs = (("ddim", 2, "time"), ("ddim", 4, "time"), ("ddim", 8, "time"), ("dpm++", 4, "log_snr"))
+    result = run_study(
+        load_tiny_teacher(TINY_TEACHER), num_samples=3, reference_steps=8, guidance_scale=2.0, runs=runs,
+        timing_batch=1, timing_repeats=1, chunk=2, alt_reference_steps=4, self_check_samples=2, log=lambda s: None,
+    )  # fmt: skip
+    rows = {(r.solver, r.steps, r.window): r for r in result.rows}
+    assert len(result.rows) == 4 * len(runs) and len(result.displacement) == 4
+    for k in range(4):
+        assert rows[("ddim", 8, k)].rms_error == 0.0
+        assert rows[("ddim", 2, k)].rms_error > rows[("ddim", 4, k)].rms_error > 0
+        assert rows[("dpm++", 4, k)].diffusers_gap < 1e-3 * result.displacement[k]

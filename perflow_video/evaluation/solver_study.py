@@ -266,6 +266,83 @@ def _median_time(fn: Callable[[], Tensor], repeats: int) -> float:
     return statistics.median(times)
 
 
+@dataclass
+class _WindowSolves:
+    """Solves of window ``k`` of the study's ``z_s`` batch: every solve runs in chunks of ``chunk`` samples with
+    their rows of the (per-frame) conditioning."""
+
+    teacher: TinyTeacher
+    edges: tuple[int, int]  # (t_s, t_e)
+    cond: Conditioning
+    uncond: Conditioning | None
+    guidance_scale: float
+    chunk: int
+
+    def rows(self, cond: Conditioning | None, lo: int, hi: int) -> Conditioning | None:
+        if cond is None:
+            return None
+        frames = self.teacher.num_frames
+        return Conditioning(cond.encoder_hidden_states[lo * frames : hi * frames])
+
+    def ours(
+        self, solver: str, steps: int, spacing: str, z: Tensor, c: Conditioning, u: Conditioning | None
+    ) -> Tensor:
+        ts, te = (torch.full((z.shape[0],), v, dtype=torch.float64) for v in self.edges)
+        abar = self.teacher.alphas_cumprod
+        return solve_window(
+            self.teacher.unet, z, ts, te, abar, c, u, self.guidance_scale, steps, "epsilon", solver, spacing
+        )
+
+    def diffusers(
+        self, solver: str, steps: int, spacing: str, z: Tensor, c: Conditioning, u: Conditioning | None
+    ) -> Tensor:
+        t = self.teacher
+        schedule = (t.beta_start, t.beta_end, t.beta_schedule)
+        return diffusers_window_solve(
+            solver, t.unet, z, self.edges[0], self.edges[1], steps, t.alphas_cumprod, c, u, self.guidance_scale,
+            schedule, spacing,
+        )  # fmt: skip
+
+    def chunked(self, solve: Callable, solver: str, steps: int, spacing: str, z_s: Tensor) -> Tensor:
+        outs = []
+        for lo in range(0, z_s.shape[0], self.chunk):
+            hi = min(lo + self.chunk, z_s.shape[0])
+            c, u = self.rows(self.cond, lo, hi), self.rows(self.uncond, lo, hi)
+            outs.append(solve(solver, steps, spacing, z_s[lo:hi], c, u))
+        return torch.cat(outs)
+
+
+def _window_references(
+    w: _WindowSolves, z_s: Tensor, reference_steps: int, alt_reference_steps: int, n_check: int,
+    result: StudyResult,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The window's DDIM and UniPC reference solves, and their self-errors (at half the steps) recorded."""
+    ref = w.chunked(w.ours, "ddim", reference_steps, "time", z_s)
+    alt = w.chunked(w.ours, "unipc", alt_reference_steps, "log_snr", z_s)
+    z_check = z_s[:n_check]
+    half = w.chunked(w.ours, "ddim", reference_steps // 2, "time", z_check)
+    alt_half = w.chunked(w.ours, "unipc", alt_reference_steps // 2, "log_snr", z_check)
+    disp = rms(ref - z_s)
+    result.displacement.append(disp)
+    result.reference_self_error.append(rms(half - ref[:n_check]) / rms(ref[:n_check] - z_check))
+    result.reference_vs_unipc.append(rms(alt - ref) / disp)
+    result.unipc_reference_self_error.append(rms(alt_half - alt[:n_check]) / rms(alt[:n_check] - z_check))
+    return ref, alt
+
+
+def _time_forward(w: _WindowSolves, z_s: Tensor, timing_batch: int, repeats: int) -> float:
+    """Median seconds of one guided teacher forward at the window start, ``timing_batch`` samples."""
+    abar = w.teacher.alphas_cumprod
+    c, u = w.rows(w.cond, 0, timing_batch), w.rows(w.uncond, 0, timing_batch)
+    idx = torch.full((timing_batch,), window_grid(w.edges[0], w.edges[1], 1)[0], dtype=torch.long)
+    return _median_time(
+        lambda: guided_eps(
+            w.teacher.unet, z_s[:timing_batch], idx, abar[idx], c, u, w.guidance_scale, "epsilon"
+        ),
+        repeats,
+    )
+
+
 @torch.no_grad()
 def run_study(
     teacher: TinyTeacher,
@@ -286,11 +363,8 @@ def run_study(
 ) -> StudyResult:
     """Endpoint error and time of every (solver, M) in ``runs``, per window (module docstring)."""
     starts = window_starts(teacher, num_samples, num_windows, seed)
-    abar = teacher.alphas_cumprod
-    cond_all = teacher.conditioning(starts.prompts)
-    uncond_all = teacher.conditioning([""] * num_samples) if guidance_scale != 1.0 else None
-    frames = teacher.num_frames
-    schedule = (teacher.beta_start, teacher.beta_end, teacher.beta_schedule)
+    cond = teacher.conditioning(starts.prompts)
+    uncond = teacher.conditioning([""] * num_samples) if guidance_scale != 1.0 else None
     result = StudyResult(
         reference_steps=reference_steps,
         alt_reference_steps=alt_reference_steps,
@@ -299,75 +373,25 @@ def run_study(
             timing_batch=timing_batch, latent_shape=list(starts.z_0.shape[1:]), threads=torch.get_num_threads(),
         ),
     )  # fmt: skip
-
-    def rows_of(cond: Conditioning | None, lo: int, hi: int) -> Conditioning | None:
-        if cond is None:
-            return None
-        return Conditioning(cond.encoder_hidden_states[lo * frames : hi * frames])
-
-    def chunked(solve: Callable[[Tensor, Conditioning, Conditioning | None], Tensor], z_s: Tensor) -> Tensor:
-        outs = []
-        for lo in range(0, z_s.shape[0], chunk):
-            hi = min(lo + chunk, z_s.shape[0])
-            outs.append(solve(z_s[lo:hi], rows_of(cond_all, lo, hi), rows_of(uncond_all, lo, hi)))
-        return torch.cat(outs)
-
+    n_check = min(self_check_samples, num_samples)
     for k in range(num_windows):
-        t_s, t_e = window_bounds(k, num_windows)
-        z_s = starts.z_s(k, num_windows, abar)
-
-        def ours(
-            solver: str, steps: int, spacing: str, z: Tensor, c: Conditioning, u: Conditioning | None,
-            edges=(t_s, t_e),
-        ) -> Tensor:  # fmt: skip
-            ts, te = (torch.full((z.shape[0],), v, dtype=torch.float64) for v in edges)
-            return solve_window(
-                teacher.unet, z, ts, te, abar, c, u, guidance_scale, steps, "epsilon", solver, spacing
-            )
-
-        ref = chunked(lambda z, c, u, f=ours: f("ddim", reference_steps, "time", z, c, u), z_s)
-        alt = chunked(lambda z, c, u, f=ours: f("unipc", alt_reference_steps, "log_snr", z, c, u), z_s)
-        n_check = min(self_check_samples, num_samples)
-        z_check = z_s[:n_check]
-        half = chunked(lambda z, c, u, f=ours: f("ddim", reference_steps // 2, "time", z, c, u), z_check)
-        alt_half = chunked(
-            lambda z, c, u, f=ours: f("unipc", alt_reference_steps // 2, "log_snr", z, c, u), z_check
-        )
-        disp = rms(ref - z_s)
-        result.displacement.append(disp)
-        result.reference_self_error.append(rms(half - ref[:n_check]) / rms(ref[:n_check] - z_check))
-        result.reference_vs_unipc.append(rms(alt - ref) / disp)
-        result.unipc_reference_self_error.append(rms(alt_half - alt[:n_check]) / rms(alt[:n_check] - z_check))
-        log(f"window {k} [{t_s}, {t_e}]: displacement {disp:.4f}; relative to it: DDIM-{reference_steps // 2} vs "
-            f"DDIM-{reference_steps} {result.reference_self_error[-1]:.2e}, UniPC-{alt_reference_steps // 2} vs "
-            f"UniPC-{alt_reference_steps} (log_snr) {result.unipc_reference_self_error[-1]:.2e}, the two references "
-            f"{result.reference_vs_unipc[-1]:.2e}")  # fmt: skip
-
-        timing = (
-            z_s[:timing_batch],
-            rows_of(cond_all, 0, timing_batch),
-            rows_of(uncond_all, 0, timing_batch),
-        )
-        idx = torch.full((timing_batch,), window_grid(t_s, t_e, 1)[0], dtype=torch.long)
-        forward = _median_time(
-            lambda a=timing, i=idx: guided_eps(teacher.unet, a[0], i, abar[i], a[1], a[2], guidance_scale, "epsilon"),
-            timing_repeats * 3,
-        )  # fmt: skip
-        result.forward_seconds.append(forward)
+        w = _WindowSolves(teacher, window_bounds(k, num_windows), cond, uncond, guidance_scale, chunk)
+        z_s = starts.z_s(k, num_windows, teacher.alphas_cumprod)
+        ref, alt = _window_references(w, z_s, reference_steps, alt_reference_steps, n_check, result)
+        log(f"window {k} {list(w.edges)}: displacement {result.displacement[-1]:.4f}; relative to it: "
+            f"DDIM-{reference_steps // 2} vs DDIM-{reference_steps} {result.reference_self_error[-1]:.2e}, "
+            f"UniPC-{alt_reference_steps // 2} vs UniPC-{alt_reference_steps} (log_snr) "
+            f"{result.unipc_reference_self_error[-1]:.2e}, the two references {result.reference_vs_unipc[-1]:.2e}")  # fmt: skip
+        result.forward_seconds.append(_time_forward(w, z_s, timing_batch, timing_repeats * 3))
+        timing = (z_s[:timing_batch], w.rows(cond, 0, timing_batch), w.rows(uncond, 0, timing_batch))
         for solver, steps, spacing in runs:
-            out = chunked(lambda z, c, u, f=ours, s=solver, m=steps, g=spacing: f(s, m, g, z, c, u), z_s)
-            err = rms(out - ref)
+            out = w.chunked(w.ours, solver, steps, spacing, z_s)
+            err, disp = rms(out - ref), result.displacement[-1]
             gap = None
             if cross_check and solver != "ddim" and steps in cross_check_steps and spacing == "log_snr":
-                other = chunked(
-                    lambda z, c, u, s=solver, m=steps, g=spacing, e=(t_s, t_e): diffusers_window_solve(
-                        s, teacher.unet, z, e[0], e[1], m, abar, c, u, guidance_scale, schedule, g
-                    ),
-                    z_s,
-                )
-                gap = rms(other - out)
+                gap = rms(w.chunked(w.diffusers, solver, steps, spacing, z_s) - out)
             seconds = _median_time(
-                lambda f=ours, s=solver, m=steps, g=spacing, a=timing: f(s, m, g, *a), timing_repeats
+                lambda s=solver, m=steps, g=spacing, f=w.ours, a=timing: f(s, m, g, *a), timing_repeats
             )
             err_alt = rms(out - alt) / rms(alt - z_s)
             result.rows.append(SolverRow(solver, steps, spacing, k, err, err / disp, err_alt, seconds, gap))
