@@ -68,6 +68,7 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     draw_timesteps,
     epsilon_errors,
     load_teacher_weights,
+    reinit_motion_modules,
     separate_word_embeddings,
     unet_param_groups,
     video_loss_weights,
@@ -255,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "already there is an error), its text encoder, UNet and motion adapter are the initial weights and EMA, "
         "and the step count (and the warm-up) continue from its teacher_info.json. Ignored, with a message, once "
         "<out>/training/checkpoint.pt exists (resume) ['']",
+    )
+    a(
+        "--reinit-motion",
+        action="store_true",
+        help="with --init-from: start the motion modules afresh (seeded, output projections zeroed, as "
+        "AnimateDiff trains them on a frozen image model); the spatial UNet and text encoder are the folder's",
     )
     a(
         "--separate-words",
@@ -835,10 +842,25 @@ def init_teacher_from(run: TeacherRun, args, arch: TeacherArch, metrics: Path) -
     words = [w for w in args.separate_words.split(",") if w]
     if words:
         separate_word_embeddings(run.encoder, words, args.separate_norm, _gen(args.seed, 0x5E9))
+    if args.reinit_motion:
+        reinit_motion_modules(run.unet, arch, args.seed + 5)
     run.ema_unet.load_state_dict(run.unet.state_dict())
     run.ema_text.load_state_dict(run.encoder.state_dict())
-    print(f"teacher: initialised from {args.init_from} (step {step}; re-drawn words: {words})", flush=True)
-    _append_jsonl(metrics, {"kind": "init_from", "folder": args.init_from, "step": step, "words": words})
+    print(
+        f"teacher: initialised from {args.init_from} (step {step}; re-drawn words: {words}; "
+        f"fresh motion modules: {args.reinit_motion})",
+        flush=True,
+    )
+    _append_jsonl(
+        metrics,
+        {
+            "kind": "init_from",
+            "folder": args.init_from,
+            "step": step,
+            "words": words,
+            "reinit_motion": args.reinit_motion,
+        },
+    )
 
 
 def save_teacher_checkpoint(run: TeacherRun, args, arch: TeacherArch, path: Path) -> None:
@@ -1036,6 +1058,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--reversal-pairs needs an even --batch-size, got {args.batch_size}")
     if args.separate_words and not args.init_from:
         parser.error("--separate-words re-draws embeddings of an --init-from teacher; give --init-from")
+    if args.reinit_motion and not args.init_from:
+        parser.error(
+            "--reinit-motion replaces the motion modules of an --init-from teacher; give --init-from"
+        )
     if args.separate_norm <= 0:
         parser.error(f"--separate-norm must be > 0, got {args.separate_norm}")
     if args.text_attribute_loss > 0 and args.text_lr <= 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from perflow_video.errors import ConfigError
 from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
@@ -27,6 +28,7 @@ from perflow_video.tiny.teacher_training import (
     draw_timesteps,
     epsilon_errors,
     load_teacher_weights,
+    reinit_motion_modules,
     separate_word_embeddings,
     unet_param_groups,
     video_loss_weights,
@@ -275,6 +277,7 @@ def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_par
     assert "holds another VAE" in capsys.readouterr().err
     for flags, message in (
         (["--separate-words", "left"], "--init-from"),
+        (["--reinit-motion"], "--init-from"),
         (["--text-attribute-loss", "0.1", "--text-lr", "0"], "--text-lr"),
     ):
         with pytest.raises(SystemExit):
@@ -303,3 +306,27 @@ def test_unet_param_groups_put_exactly_the_adapters_weights_in_the_motion_group(
     assert {by_id[id(p)] for p in motion["params"]} == adapter_keys
     assert len(spatial["params"]) + len(motion["params"]) == len(list(unet.parameters()))
     assert not {id(p) for p in spatial["params"]} & {id(p) for p in motion["params"]}
+
+
+def test_fresh_motion_modules_make_the_video_unet_the_image_unet_frame_by_frame():
+    """AnimateDiff's initialisation: with reinit_motion_modules, the shipped teacher's video UNet gives, for
+    every frame, what its spatial UNet alone gives for that frame (and the spatial weights are untouched)."""
+    arch = TeacherArch()
+    unet = teacher_unet_motion(arch)
+    load_teacher_weights(tiny_teacher_folder(), arch, unet, teacher_text_encoder(arch))
+    spatial_before = {k: v.clone() for k, v in unet.state_dict().items() if "motion_modules" not in k}
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 6, arch.latent_size, arch.latent_size, generator=g)
+    hidden = torch.randn(12, 77, arch.text_hidden, generator=g)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        trained = unet(z, t, encoder_hidden_states=hidden).sample
+        reinit_motion_modules(unet, arch, seed=5)
+        video = unet(z, t, encoder_hidden_states=hidden).sample
+    unet2d = UNet2DConditionModel.from_pretrained(tiny_teacher_folder() / "unet").eval()
+    frames = z.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    with torch.no_grad():
+        image = unet2d(frames, t.repeat_interleave(6), encoder_hidden_states=hidden).sample
+    assert torch.allclose(video, image.unflatten(0, (2, 6)).permute(0, 2, 1, 3, 4), atol=1e-5)
+    assert (trained - video).abs().max() > 1e-2  # the trained modules did move it
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in spatial_before.items())

@@ -12,6 +12,8 @@ runs the loop; ``docs/tiny_teacher.md`` says why each exists):
   shape and direction from the text encoder's hidden states at and after the direction word (EOS and padding,
   the positions the UNet's cross-attention reads most): a stand-in for the pre-training a real CLIP text
   encoder brings, which a tiny encoder trained from scratch lacks;
+* :func:`reinit_motion_modules` - fresh motion modules with zeroed output projections, as AnimateDiff trains
+  them on a frozen image model (the video UNet then equals the image UNet frame by frame);
 * :func:`load_teacher_weights` - a teacher folder's text encoder and UNet + motion adapter, into models of
   the same :class:`~perflow_video.tiny.teacher_models.TeacherArch` (to continue training from it).
 """
@@ -26,7 +28,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextModel
 
 from perflow_video.errors import ConfigError
-from perflow_video.tiny.teacher_models import TeacherArch
+from perflow_video.tiny.teacher_models import TeacherArch, teacher_motion_adapter
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "draw_timesteps",
     "epsilon_errors",
     "load_teacher_weights",
+    "reinit_motion_modules",
     "separate_word_embeddings",
     "unet_param_groups",
     "video_loss_weights",
@@ -99,6 +102,20 @@ def unet_param_groups(unet: UNetMotionModel, lr: float, motion_lr: float) -> lis
         {"params": spatial, "lr": lr, "base_lr": lr},
         {"params": motion, "lr": motion_lr, "base_lr": motion_lr},
     ]
+
+
+@torch.no_grad()
+def reinit_motion_modules(unet: UNetMotionModel, arch: TeacherArch, seed: int) -> None:
+    """Replaces ``unet``'s motion modules by a fresh seeded ``MotionAdapter``'s, each module's ``proj_out``
+    zeroed (AnimateDiff's initialisation: every motion module starts as the identity)."""
+    fresh = teacher_motion_adapter(arch, seed).state_dict()
+    for key in fresh:
+        if ".proj_out." in key:
+            fresh[key].zero_()
+    own = {k for k in unet.state_dict() if "motion_modules" in k}
+    if own != set(fresh):
+        raise ConfigError(f"the UNet's motion modules do not match a {arch} MotionAdapter's")
+    unet.load_state_dict(fresh, strict=False)
 
 
 def separate_word_embeddings(
