@@ -74,7 +74,7 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     video_loss_weights,
 )
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer  # noqa: E402
-from perflow_video.toy.probe import ATTRIBUTES, probe_accuracy, probe_clip  # noqa: E402
+from perflow_video.toy.probe import ATTRIBUTES, axis_accuracy, probe_accuracy, probe_clip  # noqa: E402
 from perflow_video.toy.shape_world import (  # noqa: E402
     ALL_PROMPTS,
     DIRECTION_POSITION,
@@ -671,7 +671,9 @@ def evaluate_teacher(
         ps = [p for p, k in zip(prompts, keep, strict=True) if k]
         if cs:
             acc = probe_accuracy(cs, ps)
-            out[name] = {k: round(acc[k], 4) for k in (*ATTRIBUTES, "all")}
+            out[name] = {k: round(acc[k], 4) for k in (*ATTRIBUTES, "all")} | {
+                "axis": round(axis_accuracy(cs, ps), 4)
+            }
     probes = [probe_clip(c) for c in clips]
     out["mean_speed_px_per_frame"] = round(float(np.mean([r.speed for r in probes])), 3)
     out["read"] = [f"{r.color} {r.shape} {r.direction}" for r in probes]

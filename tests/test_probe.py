@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from perflow_video.toy.probe import probe_accuracy, probe_clip, score_clip
+from perflow_video.toy.probe import axis_accuracy, probe_accuracy, probe_clip, score_clip
 from perflow_video.toy.shape_world import (
     ALL_PROMPTS,
     ClipSpec,
     ShapeWorld,
     ShapeWorldConfig,
     render_clip,
+    reversed_spec,
 )
 from perflow_video.toy.toy_clips import BACKGROUND, COLORS, DIRECTIONS, SHAPES
 
@@ -98,3 +99,17 @@ def test_probe_rejects_bad_layouts():
         probe_clip(torch.zeros(16, 3, 32, 32))
     with pytest.raises(ValueError):
         probe_accuracy([], [])
+
+
+def test_axis_accuracy_ignores_the_sign_but_not_the_axis_or_a_static_clip():
+    w = ShapeWorld("all", seed=2)
+    specs = [w.spec(i) for i in range(12)]
+    prompts = [s.prompt for s in specs]
+    assert axis_accuracy([render_clip(s) for s in specs], prompts) == 1.0
+    backwards = [render_clip(reversed_spec(s)) for s in specs]  # the right axis, the wrong sign
+    assert axis_accuracy(backwards, prompts) == 1.0 and probe_accuracy(backwards, prompts)["direction"] == 0.0
+    turned = {"left": "up", "right": "down", "up": "left", "down": "right"}
+    wrong_axis = [p.replace(p.split()[-1], turned[p.split()[-1]]) for p in prompts]
+    assert axis_accuracy([render_clip(s) for s in specs], wrong_axis) == 0.0
+    static = render_clip(ClipSpec("white", "square", "right", 6.0, (16.0, 16.0), 0.0))
+    assert axis_accuracy([static], ["a white square moving right"]) == 0.0

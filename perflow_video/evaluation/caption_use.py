@@ -32,7 +32,7 @@ from torch import Tensor
 from perflow_video.evaluation.evidence_models import Teacher
 from perflow_video.evaluation.sampling import sample_latents
 from perflow_video.tiny.teacher_training import epsilon_errors
-from perflow_video.toy.probe import probe_accuracy
+from perflow_video.toy.probe import axis_accuracy, probe_accuracy
 from perflow_video.toy.shape_world import DIRECTION_VECTORS, ShapeWorld, parse_prompt, prompt_of
 from perflow_video.toy.toy_clips import BACKGROUND
 
@@ -136,14 +136,15 @@ def validation_latents(
 def probe_samples(
     teacher: Teacher, prompts: list[str], steps: int, guidance: float, seed: int
 ) -> dict[str, float]:
-    """Probe accuracy (colour, shape, direction, all) of the teacher's ``steps``-step DDIM clips of ``prompts``
+    """Probe accuracy (colour, shape, direction, all, and the direction's axis alone) of the teacher's ``steps``-step DDIM clips of ``prompts``
     with CFG ``guidance`` (its own scheduler config), one seeded noise per prompt."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *teacher.latent_shape()), generator=g)
     scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
     uncond = teacher.conditioning([""] * len(prompts)) if guidance != 1.0 else None
     z = sample_latents(teacher.unet, scheduler, noise, teacher.conditioning(prompts), uncond, steps, guidance)
-    return probe_accuracy(list(teacher.decode(z)), prompts)
+    clips = list(teacher.decode(z))
+    return {**probe_accuracy(clips, prompts), "axis": axis_accuracy(clips, prompts)}
 
 
 def centroid_track_slope(clips: Tensor, directions: list[str]) -> Tensor:

@@ -38,6 +38,7 @@ from perflow_video.toy.toy_clips import BACKGROUND, COLORS, DIRECTIONS, SHAPES
 __all__ = [
     "ATTRIBUTES",
     "ProbeResult",
+    "axis_accuracy",
     "probe_accuracy",
     "probe_clip",
     "score_clip",
@@ -157,6 +158,21 @@ def probe_accuracy(clips: Iterable[torch.Tensor | np.ndarray], prompts: Sequence
     if n == 0:
         raise ValueError("no clips to score")
     return {**{a: hits[a] / n for a in hits}, "n": n}
+
+
+_AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+
+
+def axis_accuracy(clips: Iterable[torch.Tensor | np.ndarray], prompts: Sequence[str]) -> float:
+    """Fraction of clips whose read direction lies on the caption's axis (left / right vs up / down), whatever
+    its sign: a clip moving right for "moving left" counts, one moving up or not moving does not."""
+    hits = [
+        _AXIS.get(probe_clip(clip).direction) == _AXIS[parse_prompt(prompt)[2]]
+        for clip, prompt in zip(clips, prompts, strict=True)
+    ]
+    if not hits:
+        raise ValueError("no clips to score")
+    return sum(hits) / len(hits)
 
 
 # Vocabulary the probe can answer (besides "none"), for callers building confusion tables.
