@@ -1015,8 +1015,8 @@ def train_teacher(
         _append_jsonl(metrics, {"kind": "resume", "step": run.step, "time": time.time()})
     elif args.init_from:
         init_teacher_from(run, args, arch, metrics)
-    sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in
-             (("UNetMotionModel", run.unet), ("CLIPTextModel", run.encoder), ("AutoencoderKL", vae))}  # fmt: skip
+    models = (("UNetMotionModel", run.unet), ("CLIPTextModel", run.encoder), ("AutoencoderKL", vae))
+    sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in models}
     print("teacher: " + ", ".join(f"{k} {v:.3f} M" for k, v in sizes.items()) + " params", flush=True)
     data = teacher_data(args, arch, cfg, vae, run)
     run.unet.train()

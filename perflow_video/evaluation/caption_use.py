@@ -11,9 +11,9 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
 
 and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance.
 
-:func:`x0_from_noise` and :func:`centroid_track_slope` ask whether the teacher knows the direction where sampling
-decides it, at the first steps: the slope of the decoded x0 prediction's centroid track from pure noise,
-along the caption's direction. The data's mean clip per direction moves ~0.9 px / frame (a clip moving left
+:func:`x0_from_noise` and :func:`centroid_track_slope` ask whether the teacher knows the direction where
+sampling decides it, at the first steps: the slope of the decoded x0 prediction's centroid track from pure
+noise, along the caption's direction. The data's mean clip per direction moves ~0.9 px / frame (a clip moving left
 starts on the right); a teacher that ignores the word predicts the same track for every direction.
 
 :func:`frame_order_change` asks whether the motion modules can express a direction at all: how much the
@@ -136,8 +136,9 @@ def validation_latents(
 def probe_samples(
     teacher: Teacher, prompts: list[str], steps: int, guidance: float, seed: int
 ) -> dict[str, float]:
-    """Probe accuracy (colour, shape, direction, all, and the direction's axis alone) of the teacher's ``steps``-step DDIM clips of ``prompts``
-    with CFG ``guidance`` (its own scheduler config), one seeded noise per prompt."""
+    """Probe accuracy (colour, shape, direction, all, and the direction's axis alone) of the teacher's
+    ``steps``-step DDIM clips of ``prompts`` with CFG ``guidance`` (its own scheduler config), one seeded noise
+    per prompt."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *teacher.latent_shape()), generator=g)
     scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
