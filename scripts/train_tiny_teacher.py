@@ -70,6 +70,7 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     load_teacher_weights,
     reinit_motion_modules,
     separate_word_embeddings,
+    terminal_x0_errors,
     unet_param_groups,
     video_loss_weights,
 )
@@ -256,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         "already there is an error), its text encoder, UNet and motion adapter are the initial weights and EMA, "
         "and the step count (and the warm-up) continue from its teacher_info.json. Ignored, with a message, once "
         "<out>/training/checkpoint.pt exists (resume) ['']",
+    )
+    a(
+        "--terminal-loss",
+        type=float,
+        default=0.0,
+        help="weight of an extra loss on each step's clips: the x0 error of the prediction from pure noise at "
+        "t in [950, 1000) (the sampler starts from pure noise, but AnimateDiff's schedule leaves 6.8%% of the "
+        "clip in z_T, so a model trained only on noised clips reads a path out of the noise; "
+        "docs/tiny_teacher.md). 0 = off [%(default)s]",
     )
     a(
         "--reinit-motion",
@@ -928,6 +938,12 @@ def teacher_step(run: TeacherRun, data: TeacherData, args) -> dict[str, float]:
     per_clip = epsilon_errors(run.unet, z0, noise, t, hidden, data.alphas)
     losses = {"loss": per_clip.mean().item()}
     total = (video_loss_weights(t, data.alphas, args.x0_weight_max) * per_clip).mean()
+    if args.terminal_loss > 0:  # the same clips and captions, the input pure noise near t = T
+        t_end = torch.randint(len(data.alphas) * 19 // 20, len(data.alphas), (len(captions),), generator=gen)
+        pure = torch.randn(z0.shape, generator=gen)
+        terminal = terminal_x0_errors(run.unet, z0, pure, t_end, hidden, data.alphas).mean()
+        losses["terminal_loss"] = terminal.item()
+        total = total + args.terminal_loss * terminal
     if args.text_attribute_loss > 0:
         attr = caption_attribute_loss(
             run.head, data.text(data.attr_prompts), data.attr_labels, DIRECTION_POSITION
@@ -963,7 +979,7 @@ def loss_record(run: TeacherRun, window: list[dict[str, float]], seconds: float)
         "sec_per_step": seconds / len(window),
         "time": time.time(),
     }
-    for name in ("image_loss", "text_attribute_loss"):
+    for name in ("image_loss", "text_attribute_loss", "terminal_loss"):
         values = [w[name] for w in window if name in w]
         if values:
             rec[name] = float(np.mean(values))

@@ -30,6 +30,7 @@ from perflow_video.tiny.teacher_training import (
     load_teacher_weights,
     reinit_motion_modules,
     separate_word_embeddings,
+    terminal_x0_errors,
     unet_param_groups,
     video_loss_weights,
 )
@@ -85,6 +86,25 @@ def test_epsilon_errors_vanish_for_the_true_noise_and_are_per_sample(shape):
     torch.testing.assert_close(
         off, a / (1 - a), rtol=1e-4, atol=0
     )  # shifted x0 by 1 -> eps off by sqrt(a/(1-a))
+
+
+def test_terminal_x0_errors_measure_the_prediction_from_pure_noise():
+    g = torch.Generator().manual_seed(3)
+    z0, noise = torch.randn(3, 4, 5, 8, 8, generator=g), torch.randn(3, 4, 5, 8, 8, generator=g)
+    t, hidden = torch.tensor([950, 980, 999]), torch.zeros(3, 77, 32)
+    # an oracle that knows z0 predicts it from any input; one that knows z0 + 0.5 is 0.25 off, per sample
+    assert terminal_x0_errors(_Oracle(z0, ALPHAS), z0, noise, t, hidden, ALPHAS).abs().max() < 1e-3
+    off = terminal_x0_errors(_Oracle(z0 + 0.5, ALPHAS), z0, noise, t, hidden, ALPHAS)
+    torch.testing.assert_close(off, torch.full((3,), 0.25), rtol=1e-3, atol=0)
+    # a UNet that outputs its input as the noise predicts x0 = z (1 - sqrt(1 - abar)) / sqrt(abar)
+    echo = type(
+        "Echo",
+        (torch.nn.Module,),
+        {"forward": lambda self, z, t, encoder_hidden_states: type("O", (), {"sample": z})()},
+    )()
+    a = ALPHAS[t].view(-1, 1, 1, 1, 1)
+    expected = ((noise * (1 - (1 - a).sqrt()) / a.sqrt() - z0) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(terminal_x0_errors(echo, z0, noise, t, hidden, ALPHAS), expected)
 
 
 def test_high_timesteps_put_three_quarters_above_the_middle():

@@ -2,6 +2,11 @@
 runs the loop; ``docs/tiny_teacher.md`` says why each exists):
 
 * :func:`epsilon_errors` - the DDPM epsilon objective per sample (videos or images), what every stage trains;
+* :func:`terminal_x0_errors` - the x0 error of the UNet's prediction from *pure* noise near t = T: AnimateDiff's
+  linear betas keep sqrt(abar_T) = 0.068 of the clip in z_T, so a model trained only on noised clips reads a
+  clip out of the sampler's pure-noise start and fixes its path there, whatever the caption says (the
+  non-zero terminal SNR flaw, docs/tiny_teacher.md); trained on pure noise, the first steps aim at the
+  caption's mean clip instead;
 * :func:`draw_timesteps` - uniform, or ``high`` (density rising linearly with t);
 * :func:`video_loss_weights` - the epsilon loss turned into the x0 error where the noise dominates, capped;
 * :func:`unet_param_groups` - the optimizer's UNet groups, the motion modules at their own learning rate
@@ -39,6 +44,7 @@ __all__ = [
     "load_teacher_weights",
     "reinit_motion_modules",
     "separate_word_embeddings",
+    "terminal_x0_errors",
     "unet_param_groups",
     "video_loss_weights",
 ]
@@ -57,6 +63,23 @@ def epsilon_errors(
     a = alphas_cumprod[t].view(-1, *([1] * (z0.dim() - 1)))
     pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
     return (pred - noise).pow(2).flatten(1).mean(dim=1)
+
+
+def terminal_x0_errors(
+    unet: torch.nn.Module,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    hidden: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample mean squared error |x0_hat - z0|^2 where x0_hat = (z - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+    is the prediction from the pure noise ``z = noise`` at timestep ``t`` (no clip in the input, as the sampler
+    starts). Its minimiser is E[z0 | caption]: the first sampling steps then aim at the caption's mean clip."""
+    a = alphas_cumprod[t].view(-1, *([1] * (z0.dim() - 1)))
+    eps = unet(noise, t, encoder_hidden_states=hidden).sample
+    x0_hat = (noise - (1 - a).sqrt() * eps) / a.sqrt()
+    return (x0_hat - z0).pow(2).flatten(1).mean(dim=1)
 
 
 def draw_timesteps(n: int, gen: torch.Generator, kind: str, num_train_timesteps: int = 1000) -> torch.Tensor:
