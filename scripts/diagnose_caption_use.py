@@ -19,6 +19,9 @@ frame order: RMS change of the epsilon at t = 900, 600, 300 when the frames are 
 reversed back), and when they are shuffled; a reversal change far below the shuffle's means the motion
 modules use frame order but not its sign, so they cannot tell left from right.
 
+With --same-noise N, N captions and their opposite-direction twins are sampled from the same noises
+(--probe-steps, --cfg): the number of pairs read as moving the same way, and as each following its word.
+
 With --probe-prompts N, also the pixel probe's accuracy on the teacher's own DDIM clips (--probe-steps,
 CFG --cfg) of N of the 72 prompts (spread over colours, shapes and directions).
 
@@ -46,6 +49,7 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
     centroid_track_slope,
     epsilon_change,
     frame_order_change,
+    opposite_word_samples,
     padding_difference,
     probe_samples,
     swap_caption,
@@ -82,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--probe-steps", type=int, default=50, help="DDIM steps of the probe samples [%(default)s]"
+    )
+    p.add_argument(
+        "--same-noise",
+        type=int,
+        default=0,
+        help="caption pairs (opposite direction words) sampled from the same noise (0 = none) [%(default)s]",
     )
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale of the probe samples [%(default)s]")
     p.add_argument("--out", default="", help="also write the JSON here (atomically) ['']")
@@ -165,6 +175,9 @@ def measure(args: argparse.Namespace) -> dict:
         }
     out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
     out["x0_track"] = x0_track(teacher, alphas, args.cfg, args.seed)
+    if args.same_noise:
+        chosen = select_prompts(str(args.same_noise))
+        out["same_noise"] = opposite_word_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)
     if args.probe_prompts:
         chosen = select_prompts(str(args.probe_prompts))
         out["probe"] = probe_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

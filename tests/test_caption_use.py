@@ -36,7 +36,21 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     spec.loader.exec_module(script)
     out = tmp_path / "use.json"
     assert (
-        script.main(["--clips", "6", "--probe-prompts", "3", "--probe-steps", "20", "--out", str(out)]) == 0
+        script.main(
+            [
+                "--clips",
+                "6",
+                "--probe-prompts",
+                "3",
+                "--probe-steps",
+                "20",
+                "--same-noise",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
     )
     use = json.loads(out.read_text())
     for attribute in ("colour", "shape"):
@@ -54,6 +68,8 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     assert use["x0_track"]["data_mean_clip"] > 0.8
     for t in ("999", "900", "700"):
         assert max(abs(v) for v in use["x0_track"][t].values()) < 0.02
+    # from the same noise, "left" and "right" give clips moving the same way: the noise fixes the path
+    assert use["same_noise"]["pairs"] == 4 and use["same_noise"]["same"] >= 3
     assert use["probe"]["n"] == 3 and use["probe"]["color"] >= 2 / 3  # its own 20-step clips show the colour
 
 

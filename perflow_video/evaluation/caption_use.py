@@ -9,7 +9,10 @@ whose one word is swapped (red <-> blue, circle <-> square, left <-> right):
 * :func:`swap_loss_gap` - the epsilon loss on noised shape-world clips with the swapped captions minus with
   the right ones (> 0: the UNet uses the word the right way);
 
-and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance.
+and :func:`probe_samples`: the pixel probe's accuracy on the teacher's own DDIM samples with guidance;
+:func:`opposite_word_samples`: the directions read from clips sampled from the *same* noise with opposite
+direction words (a teacher that follows the word reads them opposite; one whose path is fixed by the noise
+reads them equal).
 
 :func:`x0_from_noise` and :func:`centroid_track_slope` ask whether the teacher knows the direction where
 sampling decides it, at the first steps: the slope of the decoded x0 prediction's centroid track from pure
@@ -32,7 +35,7 @@ from torch import Tensor
 from perflow_video.evaluation.evidence_models import Teacher
 from perflow_video.evaluation.sampling import sample_latents
 from perflow_video.tiny.teacher_training import epsilon_errors
-from perflow_video.toy.probe import axis_accuracy, probe_accuracy
+from perflow_video.toy.probe import axis_accuracy, probe_accuracy, probe_clip
 from perflow_video.toy.shape_world import DIRECTION_VECTORS, ShapeWorld, parse_prompt, prompt_of
 from perflow_video.toy.toy_clips import BACKGROUND
 
@@ -41,6 +44,7 @@ __all__ = [
     "centroid_track_slope",
     "epsilon_change",
     "frame_order_change",
+    "opposite_word_samples",
     "padding_difference",
     "probe_samples",
     "swap_caption",
@@ -189,3 +193,30 @@ def x0_from_noise(
         eps = eps_u + guidance * (eps - eps_u)
     a = alphas_cumprod[t]
     return (noise - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+@torch.no_grad()
+def opposite_word_samples(
+    teacher: Teacher, prompts: list[str], steps: int, guidance: float, seed: int
+) -> dict[str, int]:
+    """Samples each caption and its opposite-direction twin (:data:`SWAPS`) from the same seeded noise
+    (``steps``-step DDIM, CFG ``guidance``) and counts the pairs whose read directions are equal (``same``)
+    and those where both match their own word (``both_follow``)."""
+    noise = torch.randn(
+        (len(prompts), *teacher.latent_shape()), generator=torch.Generator().manual_seed(seed)
+    )
+    uncond = teacher.conditioning([""] * len(prompts)) if guidance != 1.0 else None
+    reads = []
+    for captions in (prompts, [swap_caption(p, "direction") for p in prompts]):
+        scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
+        z = sample_latents(
+            teacher.unet, scheduler, noise, teacher.conditioning(captions), uncond, steps, guidance
+        )
+        reads.append([probe_clip(c).direction for c in teacher.decode(z)])
+    twins = [swap_caption(p, "direction") for p in prompts]
+    same = sum(a == b for a, b in zip(*reads, strict=True))
+    follow = sum(
+        a == parse_prompt(p)[2] and b == parse_prompt(q)[2]
+        for a, b, p, q in zip(*reads, prompts, twins, strict=True)
+    )
+    return {"pairs": len(prompts), "same": same, "both_follow": follow}
