@@ -20,7 +20,10 @@ reversed back), and when they are shuffled; a reversal change far below the shuf
 modules use frame order but not its sign, so they cannot tell left from right.
 
 With --same-noise N, N captions and their opposite-direction twins are sampled from the same noises
-(--probe-steps, --cfg): the number of pairs read as moving the same way, and as each following its word.
+(--probe-steps, --cfg): the number of pairs read as moving the same way, and as each following its word;
+then again with the start holding what a noised training clip holds at the first timestep, the mean latent
+clip of the caption's direction (288 clips), scaled by sqrt(abar): does the teacher follow the word once the
+start carries it?
 
 With --probe-prompts N, also the pixel probe's accuracy on the teacher's own DDIM clips (--probe-steps,
 CFG --cfg) of N of the 72 prompts (spread over colours, shapes and directions).
@@ -120,6 +123,14 @@ def frame_order(teacher, z0: torch.Tensor, noise: torch.Tensor, hidden: torch.Te
 X0_TRACK_TIMESTEPS = (999, 900, 700)
 
 
+def direction_mean_latents(teacher, seed: int, clips: int = 288) -> dict[str, torch.Tensor]:
+    """The mean scaled VAE latent clip of each direction over ``clips`` shape-world clips."""
+    world = ShapeWorld("all", seed=seed + 11, config=ShapeWorldConfig())
+    z0, prompts = validation_latents(teacher.models.vae, world, clips, torch.Generator().manual_seed(seed))
+    words = [parse_prompt(p)[2] for p in prompts]
+    return {d: z0[[i for i, w in enumerate(words) if w == d]].mean(dim=0) for d in DIRECTION_VECTORS}
+
+
 def x0_track(teacher, alphas, guidance: float, seed: int) -> dict:
     """Mean centroid-track slope along the caption's direction of the x0 prediction from noise, per timestep
     and guidance (8 captions per direction, the same 8 noises for every direction, so a track that does not
@@ -178,6 +189,10 @@ def measure(args: argparse.Namespace) -> dict:
     if args.same_noise:
         chosen = select_prompts(str(args.same_noise))
         out["same_noise"] = opposite_word_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)
+        means = direction_mean_latents(teacher, args.seed)
+        out["same_noise_mean_start"] = opposite_word_samples(
+            teacher, chosen, args.probe_steps, args.cfg, args.seed, start_signal=means
+        )
     if args.probe_prompts:
         chosen = select_prompts(str(args.probe_prompts))
         out["probe"] = probe_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

@@ -70,6 +70,7 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
         assert max(abs(v) for v in use["x0_track"][t].values()) < 0.02
     # from the same noise, "left" and "right" give clips moving the same way: the noise fixes the path
     assert use["same_noise"]["pairs"] == 4 and use["same_noise"]["same"] >= 3
+    assert use["same_noise_mean_start"]["pairs"] == 4  # the start holding the direction's mean (docs figure)
     assert use["probe"]["n"] == 3 and use["probe"]["color"] >= 2 / 3  # its own 20-step clips show the colour
 
 

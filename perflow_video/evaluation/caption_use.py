@@ -197,23 +197,38 @@ def x0_from_noise(
 
 @torch.no_grad()
 def opposite_word_samples(
-    teacher: Teacher, prompts: list[str], steps: int, guidance: float, seed: int
+    teacher: Teacher,
+    prompts: list[str],
+    steps: int,
+    guidance: float,
+    seed: int,
+    start_signal: dict[str, Tensor] | None = None,
 ) -> dict[str, int]:
     """Samples each caption and its opposite-direction twin (:data:`SWAPS`) from the same seeded noise
     (``steps``-step DDIM, CFG ``guidance``) and counts the pairs whose read directions are equal (``same``)
-    and those where both match their own word (``both_follow``)."""
+    and those where both match their own word (``both_follow``).
+
+    With ``start_signal`` (a latent clip (C, F, h, w) per direction word), the start is not pure noise but
+    what a noised training clip is at the first timestep: sqrt(abar) * start_signal[word] + sqrt(1 - abar) *
+    noise - does the teacher follow the word once the start holds it?"""
     noise = torch.randn(
         (len(prompts), *teacher.latent_shape()), generator=torch.Generator().manual_seed(seed)
     )
     uncond = teacher.conditioning([""] * len(prompts)) if guidance != 1.0 else None
+    twins = [swap_caption(p, "direction") for p in prompts]
     reads = []
-    for captions in (prompts, [swap_caption(p, "direction") for p in prompts]):
+    for captions in (prompts, twins):
         scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
+        start = noise
+        if start_signal is not None:
+            scheduler.set_timesteps(steps)
+            a = scheduler.alphas_cumprod[scheduler.timesteps[0]]
+            signal = torch.stack([start_signal[parse_prompt(c)[2]] for c in captions])
+            start = a.sqrt() * signal + (1 - a).sqrt() * noise
         z = sample_latents(
-            teacher.unet, scheduler, noise, teacher.conditioning(captions), uncond, steps, guidance
+            teacher.unet, scheduler, start, teacher.conditioning(captions), uncond, steps, guidance
         )
         reads.append([probe_clip(c).direction for c in teacher.decode(z)])
-    twins = [swap_caption(p, "direction") for p in prompts]
     same = sum(a == b for a, b in zip(*reads, strict=True))
     follow = sum(
         a == parse_prompt(p)[2] and b == parse_prompt(q)[2]
