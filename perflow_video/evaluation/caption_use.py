@@ -34,6 +34,7 @@ from torch import Tensor
 
 from perflow_video.evaluation.evidence_models import Teacher
 from perflow_video.evaluation.sampling import sample_latents
+from perflow_video.method.teacher_solver import x0_from_eps
 from perflow_video.tiny.teacher_training import epsilon_errors
 from perflow_video.toy.probe import axis_accuracy, probe_accuracy, probe_clip
 from perflow_video.toy.shape_world import DIRECTION_VECTORS, ShapeWorld, parse_prompt, prompt_of
@@ -191,8 +192,7 @@ def x0_from_noise(
     if guidance != 1.0:
         eps_u = unet(noise, steps, encoder_hidden_states=hidden_empty.repeat_interleave(frames, dim=0)).sample
         eps = eps_u + guidance * (eps - eps_u)
-    a = alphas_cumprod[t]
-    return (noise - (1 - a).sqrt() * eps) / a.sqrt()
+    return x0_from_eps(noise, eps, alphas_cumprod[steps])
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextModel
 
 from perflow_video.errors import ConfigError
+from perflow_video.method.teacher_solver import x0_from_eps
 from perflow_video.tiny.teacher_models import TeacherArch, teacher_motion_adapter
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
@@ -76,9 +77,7 @@ def terminal_x0_errors(
     """Per-sample mean squared error |x0_hat - z0|^2 where x0_hat = (z - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
     is the prediction from the pure noise ``z = noise`` at timestep ``t`` (no clip in the input, as the sampler
     starts). Its minimiser is E[z0 | caption]: the first sampling steps then aim at the caption's mean clip."""
-    a = alphas_cumprod[t].view(-1, *([1] * (z0.dim() - 1)))
-    eps = unet(noise, t, encoder_hidden_states=hidden).sample
-    x0_hat = (noise - (1 - a).sqrt() * eps) / a.sqrt()
+    x0_hat = x0_from_eps(noise, unet(noise, t, encoder_hidden_states=hidden).sample, alphas_cumprod[t])
     return (x0_hat - z0).pow(2).flatten(1).mean(dim=1)
 
 
