@@ -44,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from diffusers import DDIMScheduler  # noqa: E402
 
 from perflow_video.atomic_files import atomic_destination  # noqa: E402
 from perflow_video.errors import exit_status_of  # noqa: E402
@@ -63,7 +64,6 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
 from perflow_video.evaluation.evidence_models import load_teacher  # noqa: E402
 from perflow_video.evaluation.evidence_samplers import select_prompts  # noqa: E402
 from perflow_video.families import get_family  # noqa: E402
-from perflow_video.tiny.teacher_models import teacher_scheduler  # noqa: E402
 from perflow_video.toy.shape_world import (  # noqa: E402
     DIRECTION_VECTORS,
     EOS_POSITION,
@@ -131,7 +131,7 @@ def direction_mean_latents(teacher, seed: int, clips: int = 288) -> dict[str, to
     return {d: z0[[i for i, w in enumerate(words) if w == d]].mean(dim=0) for d in DIRECTION_VECTORS}
 
 
-def x0_track(teacher, alphas, guidance: float, seed: int) -> dict:
+def x0_track(teacher, alphas, prediction_type: str, guidance: float, seed: int) -> dict:
     """Mean centroid-track slope along the caption's direction of the x0 prediction from noise, per timestep
     and guidance (8 captions per direction, the same 8 noises for every direction, so a track that does not
     depend on the word averages to 0), and of the data's mean clip (200 clips per direction)."""
@@ -147,7 +147,7 @@ def x0_track(teacher, alphas, guidance: float, seed: int) -> dict:
     for step in X0_TRACK_TIMESTEPS:
         out[step] = {}
         for w in sorted({1.0, guidance}):
-            x0 = x0_from_noise(teacher.unet, noise, step, hidden, empty, w, alphas)
+            x0 = x0_from_noise(teacher.unet, noise, step, hidden, empty, w, alphas, prediction_type)
             out[step][f"cfg{w:g}"] = round(
                 centroid_track_slope(teacher.decode(x0), directions).mean().item(), 3
             )
@@ -164,7 +164,8 @@ def x0_track(teacher, alphas, guidance: float, seed: int) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     teacher = load_teacher(args.teacher, num_frames=16)
-    alphas = teacher_scheduler().alphas_cumprod
+    alphas = DDIMScheduler.from_config(teacher.scheduler_config).alphas_cumprod  # its own schedule
+    prediction_type = teacher.scheduler_config["prediction_type"]
     world = ShapeWorld("all", seed=args.seed + 4243, config=ShapeWorldConfig())
     g = torch.Generator().manual_seed(args.seed)
     z0, prompts = validation_latents(teacher.models.vae, world, args.clips, g)
@@ -182,10 +183,12 @@ def measure(args: argparse.Namespace) -> dict:
         out[attribute] = {
             "padding_difference": round(padding_difference(right, swapped, EOS_POSITION), 4),
             "epsilon_change": eps,
-            "swap_loss_gap": round(swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas), 6),
+            "swap_loss_gap": round(
+                swap_loss_gap(teacher.unet, z0, noise, t, right, swapped, alphas, prediction_type), 6
+            ),
         }
     out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
-    out["x0_track"] = x0_track(teacher, alphas, args.cfg, args.seed)
+    out["x0_track"] = x0_track(teacher, alphas, prediction_type, args.cfg, args.seed)
     if args.same_noise:
         chosen = select_prompts(str(args.same_noise))
         out["same_noise"] = opposite_word_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

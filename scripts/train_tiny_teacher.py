@@ -54,6 +54,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from perflow_video.atomic_files import atomic_destination  # noqa: E402
 from perflow_video.errors import ConfigError, exit_status_of  # noqa: E402
 from perflow_video.tiny.teacher_models import (  # noqa: E402
+    TEACHER_SCHEDULES,
     TeacherArch,
     split_unet_motion,
     teacher_scheduler,
@@ -66,8 +67,8 @@ from perflow_video.tiny.teacher_training import (  # noqa: E402
     CaptionAttributeHead,
     caption_attribute_loss,
     draw_timesteps,
-    epsilon_errors,
     load_teacher_weights,
+    prediction_errors,
     reinit_motion_modules,
     separate_word_embeddings,
     terminal_x0_errors,
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="weight of an extra loss on each step's clips: the x0 error of the prediction from pure noise at "
-        "t in [950, 1000) (the sampler starts from pure noise, but AnimateDiff's schedule leaves 6.8%% of the "
+        "t in [950, 1000) (the sampler starts from pure noise, but AnimateDiff's schedule leaves 4.0%% of the "
         "clip in z_T, so a model trained only on noised clips reads a path out of the noise; "
         "docs/tiny_teacher.md). 0 = off [%(default)s]",
     )
@@ -286,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="norm of the re-drawn embeddings of --separate-words (the trained colour words: ~0.5) "
         "[%(default)s]",
+    )
+    a(
+        "--schedule",
+        choices=TEACHER_SCHEDULES,
+        default="animatediff",
+        help="the noise schedule the teacher is trained on and exported with (scheduler/): 'animatediff' "
+        "(AnimateDiff's linear betas 0.00085 -> 0.012, epsilon prediction; z_T keeps 4.0%% of the clip) or "
+        "'zero-snr-v' (the same betas rescaled to zero terminal SNR, v-prediction: z_T is pure noise, as the "
+        "sampler's start, so the first step aims at the caption's mean clip; Lin et al. 2024, "
+        "docs/tiny_teacher.md). --init-from an 'animatediff' teacher fine-tunes it into the new schedule; a "
+        "resume must keep the checkpoint's [%(default)s]",
     )
     a(
         "--x0-weight-max",
@@ -613,9 +625,11 @@ def sample(
     steps: int,
     cfg: float,
     seed: int,
+    schedule: str,
 ) -> torch.Tensor:
-    """DDIM (``steps``) with classifier-free guidance; returns scaled latents (B, 4, F, h, w)."""
-    sched = teacher_scheduler()
+    """DDIM (``steps``, on the teacher's ``schedule``) with classifier-free guidance on the UNet's output
+    (epsilon or v); returns scaled latents (B, 4, F, h, w)."""
+    sched = teacher_scheduler(schedule)
     sched.set_timesteps(steps)
     n = len(prompts)
     s = arch.latent_size
@@ -635,7 +649,7 @@ def sample(
 
 @torch.no_grad()
 def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int = 8) -> dict:
-    """How much the denoiser uses the caption: epsilon loss on a fixed validation batch (held-aside seed,
+    """How much the denoiser uses the caption: the training loss (epsilon or v) on a fixed validation batch (held-aside seed,
     t = 100 .. 900) with the right captions, with captions of *other* clips, with the opposite direction word, and "".
     A model that ignores text scores the same three; the gap right -> wrong is what prompt binding buys."""
     world = ShapeWorld("all", seed=args.seed + 4242, config=cfg)
@@ -647,12 +661,14 @@ def text_use(unet, encoder, vae, text: Text, args, cfg: ShapeWorldConfig, n: int
     z0 = encode_clips(vae, clips, gen)
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.linspace(100, 900, n).round().long()
-    alphas = teacher_scheduler().alphas_cumprod
+    sched = teacher_scheduler(args.schedule)
+    alphas, prediction_type = sched.alphas_cumprod, sched.config.prediction_type
     out = {}
     variants = (("right", right), ("wrong", wrong), ("wrong_direction", wrong_direction), ("empty", [""] * n))
     for name, caps in variants:
         hidden = text(caps, encoder).repeat_interleave(args.num_frames, dim=0)
-        out[name] = round(epsilon_errors(unet, z0, noise, t, hidden, alphas).mean().item(), 5)
+        errors = prediction_errors(unet, z0, noise, t, hidden, alphas, prediction_type)
+        out[name] = round(errors.mean().item(), 5)
     return out
 
 
@@ -672,7 +688,8 @@ def evaluate_teacher(
     encoder.eval()
     t0 = time.time()
     val = text_use(unet, encoder, vae, text, args, cfg)
-    z = sample(unet, text, encoder, prompts, arch, args.num_frames, args.eval_steps, args.cfg, args.seed)
+    steps, schedule = args.eval_steps, args.schedule
+    z = sample(unet, text, encoder, prompts, arch, args.num_frames, steps, args.cfg, args.seed, schedule)
     clips = list(decode_latents(vae, z))
     held = [p in HELD_OUT for p in prompts]
     out: dict = {"kind": "eval", "step": step, "val_loss": val}
@@ -693,8 +710,11 @@ def evaluate_teacher(
     return out
 
 
-def export_teacher(folder: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int) -> None:
-    """Writes a diffusers-layout teacher folder (safetensors) at ``folder`` via a temporary sibling."""
+def export_teacher(
+    folder: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int, schedule: str
+) -> None:
+    """Writes a diffusers-layout teacher folder (safetensors, the ``schedule``'s DDIM config) at ``folder``
+    via a temporary sibling."""
     from diffusers import StableDiffusionPipeline
 
     tmp = folder.with_name(f".{folder.name}.tmp") if folder.name else folder / ".tmp"
@@ -706,7 +726,7 @@ def export_teacher(folder: Path, vae, encoder, unet_motion, arch: TeacherArch, s
         text_encoder=encoder,
         tokenizer=tiny_tokenizer(),
         unet=unet2d,
-        scheduler=teacher_scheduler(),
+        scheduler=teacher_scheduler(schedule),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -714,15 +734,15 @@ def export_teacher(folder: Path, vae, encoder, unet_motion, arch: TeacherArch, s
     pipe.save_pretrained(tmp, safe_serialization=True)
     adapter.save_pretrained(tmp / "motion_adapter", safe_serialization=True)
     (tmp / "teacher_info.json").write_text(
-        json.dumps({"step": step, "arch": arch.to_json()}, indent=2) + "\n"
+        json.dumps({"step": step, "arch": arch.to_json(), "schedule": schedule}, indent=2) + "\n"
     )
     _replace_dir(tmp, folder)
 
 
-def export_final(out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int) -> None:
+def export_final(out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int, schedule: str) -> None:
     """The final teacher goes to ``out/`` itself: each component folder is swapped in from a temp copy."""
     staging = out / ".final.tmp"
-    export_teacher(staging, vae, encoder, unet_motion, arch, step)
+    export_teacher(staging, vae, encoder, unet_motion, arch, step, schedule)
     for name in sorted(os.listdir(staging)):
         src, dst = staging / name, out / name
         if src.is_dir():
@@ -755,8 +775,10 @@ def video_batch(world: ShapeWorld, start: int, args, step: int, gen: torch.Gener
     return clips, captions, t.repeat(2)
 
 
-def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alphas) -> torch.Tensor:
-    """Epsilon loss of the spatial UNet on ``--image-batch`` frames, one random frame of each clip."""
+def image_loss(
+    unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alphas, prediction_type: str
+) -> torch.Tensor:
+    """The training loss (epsilon or v) of the spatial UNet on ``--image-batch`` frames, one random frame of each clip."""
     n = args.image_batch
     gen = _gen(args.seed, 0x1AA6E, step)
     clips, captions = world.batch(step * n, n)
@@ -767,7 +789,7 @@ def image_loss(unet2d, vae, text: Text, world: ShapeWorld, step: int, args, alph
     noise = torch.randn(z0.shape, generator=gen)
     t = draw_timesteps(n, gen, t_kind(args, step), len(alphas))
     hidden = text(captions) if args.image_text_grad else text(captions).detach()
-    return epsilon_errors(unet2d, z0, noise, t, hidden, alphas).mean()
+    return prediction_errors(unet2d, z0, noise, t, hidden, alphas, prediction_type).mean()
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -822,6 +844,12 @@ def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) ->
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if ck["arch"] != arch.to_json():
         raise SystemExit(f"{ckpt_path} was trained with another architecture: {ck['arch']}")
+    trained_schedule = ck["args"].get("schedule", "animatediff")
+    if trained_schedule != args.schedule:
+        raise ConfigError(
+            f"{ckpt_path} was trained with --schedule {trained_schedule}, this run has --schedule "
+            f"{args.schedule}: resume with the same schedule or start a new --out"
+        )
     run.unet.load_state_dict(ck["unet"])
     run.encoder.load_state_dict(ck["text_encoder"])
     run.ema_unet.load_state_dict(ck["ema_unet"])
@@ -906,6 +934,7 @@ class TeacherData:
     image_world: ShapeWorld
     unet2d: torch.nn.Module | None
     alphas: torch.Tensor
+    prediction_type: str  # the schedule's: epsilon (animatediff) or v_prediction (zero-snr-v)
     text: Text
     attr_prompts: list[str]
     attr_labels: torch.Tensor
@@ -918,7 +947,8 @@ def teacher_data(args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, run: Teach
         world=ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt),
         image_world=ShapeWorld("train", seed=args.seed + 0x1AA6E, config=cfg, drop_prompt=args.drop_prompt),
         unet2d=tied_image_unet(run.unet, arch) if args.image_batch > 0 else None,
-        alphas=teacher_scheduler().alphas_cumprod,
+        alphas=teacher_scheduler(args.schedule).alphas_cumprod,
+        prediction_type=teacher_scheduler(args.schedule).config.prediction_type,
         text=Text(run.encoder),
         attr_prompts=attr_prompts,
         attr_labels=torch.tensor([attribute_labels(p) for p in attr_prompts]),
@@ -935,7 +965,7 @@ def teacher_step(run: TeacherRun, data: TeacherData, args) -> dict[str, float]:
     z0 = encode_clips(data.vae, clips, gen)
     noise = torch.randn(z0.shape, generator=gen)
     hidden = data.text(captions).repeat_interleave(args.num_frames, dim=0)
-    per_clip = epsilon_errors(run.unet, z0, noise, t, hidden, data.alphas)
+    per_clip = prediction_errors(run.unet, z0, noise, t, hidden, data.alphas, data.prediction_type)
     losses = {"loss": per_clip.mean().item()}
     total = (video_loss_weights(t, data.alphas, args.x0_weight_max) * per_clip).mean()
     if args.terminal_loss > 0:  # the same clips and captions, the input pure noise near t = T
@@ -951,7 +981,9 @@ def teacher_step(run: TeacherRun, data: TeacherData, args) -> dict[str, float]:
         losses["text_attribute_loss"] = attr.item()
         total = total + args.text_attribute_loss * attr
     if data.unet2d is not None and step >= args.image_start_step:
-        img_loss = image_loss(data.unet2d, data.vae, data.text, data.image_world, step, args, data.alphas)
+        img_loss = image_loss(
+            data.unet2d, data.vae, data.text, data.image_world, step, args, data.alphas, data.prediction_type
+        )
         losses["image_loss"] = img_loss.item()
         total = total + img_loss
     run.opt.zero_grad(set_to_none=True)
@@ -1016,7 +1048,7 @@ def evaluate_and_snapshot(
         f"speed {ev['mean_speed_px_per_frame']} val_loss {ev['val_loss']} ({ev['eval_seconds']} s)",
         flush=True,
     )
-    export_teacher(out / "snapshot", data.vae, run.ema_text, run.ema_unet, arch, run.step)
+    export_teacher(out / "snapshot", data.vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule)
     run.unet.train()
     run.encoder.train(run.train_text)
 
@@ -1060,7 +1092,7 @@ def train_teacher(
     bar.close()
     save_teacher_checkpoint(run, args, arch, ckpt_path)
     if run.step >= args.steps and not args.no_final_export:
-        export_final(out, vae, run.ema_text, run.ema_unet, arch, run.step)
+        export_final(out, vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule)
         print(f"teacher: final EMA teacher written to {out} (step {run.step})", flush=True)
     print(f"teacher: stopped at step {run.step} after {(time.time() - t_start) / 60:.1f} min", flush=True)
     return run.step
@@ -1082,6 +1114,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.separate_norm <= 0:
         parser.error(f"--separate-norm must be > 0, got {args.separate_norm}")
+    if args.schedule == "zero-snr-v" and args.x0_weight_max != 1:
+        parser.error(
+            "--x0-weight-max weights the epsilon loss; --schedule zero-snr-v trains v, whose loss already is "
+            "the x0 error where the noise dominates (|v err|^2 = |eps err|^2 + |x0 err|^2): leave it at 1"
+        )
+    if args.schedule == "zero-snr-v" and args.terminal_loss > 0:
+        parser.error(
+            "--terminal-loss stands in for a zero terminal SNR; with --schedule zero-snr-v the data loss at "
+            "t = 999 already is the x0 error from pure noise: leave it at 0"
+        )
     if args.text_attribute_loss > 0 and args.text_lr <= 0:
         parser.error("--text-attribute-loss trains the text encoder; it needs --text-lr > 0")
     torch.set_num_threads(args.threads)

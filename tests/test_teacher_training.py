@@ -14,6 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from perflow_video.errors import ConfigError
+from perflow_video.method.teacher_solver import eps_from_model_output, x0_from_model_output
 from perflow_video.tiny.embedded_teacher import tiny_teacher_folder
 from perflow_video.tiny.teacher_models import (
     TeacherArch,
@@ -26,8 +27,9 @@ from perflow_video.tiny.teacher_training import (
     CaptionAttributeHead,
     caption_attribute_loss,
     draw_timesteps,
-    epsilon_errors,
     load_teacher_weights,
+    prediction_errors,
+    prediction_target,
     reinit_motion_modules,
     separate_word_embeddings,
     terminal_x0_errors,
@@ -80,12 +82,47 @@ def test_epsilon_errors_vanish_for_the_true_noise_and_are_per_sample(shape):
     z0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.tensor([3, 500, 990])
     hidden = torch.zeros(3, 77, 32)
-    assert epsilon_errors(_Oracle(z0, ALPHAS), z0, noise, t, hidden, ALPHAS).abs().max() < 1e-4
-    off = epsilon_errors(_Oracle(z0 + 1.0, ALPHAS), z0, noise, t, hidden, ALPHAS)
+    errors = prediction_errors(_Oracle(z0, ALPHAS), z0, noise, t, hidden, ALPHAS, "epsilon")
+    assert errors.abs().max() < 1e-4
+    off = prediction_errors(_Oracle(z0 + 1.0, ALPHAS), z0, noise, t, hidden, ALPHAS, "epsilon")
     a = ALPHAS[t]
     torch.testing.assert_close(
         off, a / (1 - a), rtol=1e-4, atol=0
     )  # shifted x0 by 1 -> eps off by sqrt(a/(1-a))
+
+
+ZERO_SNR = teacher_scheduler("zero-snr-v").alphas_cumprod
+
+
+class _VOracle(_Oracle):
+    """Returns the exact v = sqrt(abar) eps - sqrt(1 - abar) z0 of z_t for a known z0 (defined at abar = 0)."""
+
+    def forward(self, z_t, t, encoder_hidden_states):  # noqa: ARG002
+        a = self.alphas[t].view(-1, *([1] * (z_t.dim() - 1)))
+        eps = (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()
+        return type("Out", (), {"sample": a.sqrt() * eps - (1 - a).sqrt() * self.z0})()
+
+
+def test_zero_snr_v_schedule_ends_in_pure_noise_and_its_v_objective_is_eps_plus_x0_error():
+    assert ZERO_SNR[-1] == 0 and ALPHAS[-1] > 1e-3  # AnimateDiff's keeps sqrt(0.0016) = 4 % of the clip
+    torch.testing.assert_close(ZERO_SNR[0], ALPHAS[0], rtol=1e-3, atol=0)  # the low-noise end is kept
+    g = torch.Generator().manual_seed(4)
+    z0, noise = torch.randn(3, 4, 5, 8, 8, generator=g), torch.randn(3, 4, 5, 8, 8, generator=g)
+    t, hidden = torch.tensor([3, 500, 999]), torch.zeros(3, 77, 32)
+    errors = prediction_errors(_VOracle(z0, ZERO_SNR), z0, noise, t, hidden, ZERO_SNR, "v_prediction")
+    assert errors.abs().max() < 1e-4  # z_t built right, at t = 999 (abar = 0) too
+    # an oracle off by 1 in x0 is off by |eps err|^2 + |x0 err|^2 = abar / (1 - abar) + 1 = 1 / (1 - abar) in v
+    off = prediction_errors(_VOracle(z0 + 1.0, ZERO_SNR), z0, noise, t, hidden, ZERO_SNR, "v_prediction")
+    torch.testing.assert_close(off, 1 / (1 - ZERO_SNR[t]), rtol=1e-4, atol=0)
+    # the target's x0 and eps read back exactly, at abar = 0 too (where x0 = -v)
+    a = ZERO_SNR[t]
+    z_t = a.sqrt().view(-1, 1, 1, 1, 1) * z0 + (1 - a).sqrt().view(-1, 1, 1, 1, 1) * noise
+    v = prediction_target(z0, noise, a, "v_prediction")
+    torch.testing.assert_close(x0_from_model_output(v, z_t, a, "v_prediction"), z0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eps_from_model_output(v, z_t, a, "v_prediction"), noise, atol=1e-5, rtol=0)
+    assert torch.equal(prediction_target(z0, noise, a, "epsilon"), noise)
+    with pytest.raises(ConfigError, match="prediction_type"):
+        prediction_target(z0, noise, a, "sample")
 
 
 def test_terminal_x0_errors_measure_the_prediction_from_pure_noise():

@@ -57,3 +57,15 @@ def test_abar_at_window_edges():
     t = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
     assert abar_index_of_time(t).tolist() == [999, 749, 499, 249, 0]
     assert torch.equal(abar_at(t, abar), abar[[999, 749, 499, 249, 0]])
+
+
+def test_scheduler_config_abar_is_diffusers_own_and_zero_terminal_snr_is_refused():
+    from diffusers import DDIMScheduler
+
+    from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
+    from perflow_video.tiny.teacher_models import teacher_scheduler_config
+
+    config = teacher_scheduler_config("animatediff")
+    assert torch.equal(alphas_cumprod_from_scheduler_config(config), DDIMScheduler(**config).alphas_cumprod)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):  # else: silently the wrong schedule
+        alphas_cumprod_from_scheduler_config(teacher_scheduler_config("zero-snr-v"))

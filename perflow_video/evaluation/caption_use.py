@@ -34,8 +34,8 @@ from torch import Tensor
 
 from perflow_video.evaluation.evidence_models import Teacher
 from perflow_video.evaluation.sampling import sample_latents
-from perflow_video.method.teacher_solver import x0_from_eps
-from perflow_video.tiny.teacher_training import epsilon_errors
+from perflow_video.method.teacher_solver import x0_from_model_output
+from perflow_video.tiny.teacher_training import prediction_errors
 from perflow_video.toy.probe import axis_accuracy, probe_accuracy, probe_clip
 from perflow_video.toy.shape_world import DIRECTION_VECTORS, ShapeWorld, parse_prompt, prompt_of
 from perflow_video.toy.toy_clips import BACKGROUND
@@ -113,14 +113,18 @@ def swap_loss_gap(
     hidden_right: Tensor,
     hidden_swapped: Tensor,
     alphas_cumprod: Tensor,
+    prediction_type: str,
 ) -> float:
-    """Mean epsilon loss with the swapped captions minus with the right ones, on latent clips ``z0``."""
+    """Mean training loss (the teacher's ``prediction_type``: epsilon or v) with the swapped captions minus
+    with the right ones, on latent clips ``z0``."""
     frames = z0.shape[2]
-    right = epsilon_errors(unet, z0, noise, t, hidden_right.repeat_interleave(frames, dim=0), alphas_cumprod)
-    swapped = epsilon_errors(
-        unet, z0, noise, t, hidden_swapped.repeat_interleave(frames, dim=0), alphas_cumprod
-    )
-    return (swapped.mean() - right.mean()).item()
+    losses = [
+        prediction_errors(
+            unet, z0, noise, t, hidden.repeat_interleave(frames, dim=0), alphas_cumprod, prediction_type
+        ).mean()
+        for hidden in (hidden_right, hidden_swapped)
+    ]
+    return (losses[1] - losses[0]).item()
 
 
 @torch.no_grad()
@@ -183,16 +187,18 @@ def x0_from_noise(
     hidden_empty: Tensor,
     guidance: float,
     alphas_cumprod: Tensor,
+    prediction_type: str,
 ) -> Tensor:
     """The UNet's (guided) x0 prediction when ``noise`` (B, C, F, h, w) is taken as z_t at timestep ``t`` -
-    what the first sampling step aims at. hidden, hidden_empty (B, L, D)."""
+    what the first sampling step aims at. hidden, hidden_empty (B, L, D); ``prediction_type``: the
+    teacher's (the guidance acts on its output, epsilon or v, as a sampler's does)."""
     frames = noise.shape[2]
     steps = torch.full((noise.shape[0],), t)
     eps = unet(noise, steps, encoder_hidden_states=hidden.repeat_interleave(frames, dim=0)).sample
     if guidance != 1.0:
         eps_u = unet(noise, steps, encoder_hidden_states=hidden_empty.repeat_interleave(frames, dim=0)).sample
         eps = eps_u + guidance * (eps - eps_u)
-    return x0_from_eps(noise, eps, alphas_cumprod[steps])
+    return x0_from_model_output(eps, noise, alphas_cumprod[steps], prediction_type)
 
 
 @torch.no_grad()

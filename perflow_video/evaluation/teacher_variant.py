@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from perflow_video.atomic_files import atomic_destination
 from perflow_video.errors import ConfigError
-from perflow_video.tiny.teacher_training import draw_timesteps, epsilon_errors
+from perflow_video.tiny.teacher_training import draw_timesteps, prediction_errors
 from perflow_video.toy.probe import FOREGROUND_DISTANCE
 from perflow_video.toy.shape_world import ShapeWorld, ShapeWorldConfig
 from perflow_video.toy.toy_clips import BACKGROUND
@@ -81,6 +81,7 @@ class VariantParts:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     alphas_cumprod: Tensor
+    prediction_type: str  # the teacher's: epsilon (AnimateDiff's) or v_prediction (zero terminal SNR)
 
     @classmethod
     def load(cls, teacher: Path) -> VariantParts:
@@ -89,7 +90,7 @@ class VariantParts:
         scheduler = DDIMScheduler.from_pretrained(teacher / "scheduler")
         unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
         return cls(unet, vae, text, CLIPTokenizer.from_pretrained(teacher / "tokenizer"),
-                   scheduler.alphas_cumprod)  # fmt: skip
+                   scheduler.alphas_cumprod, scheduler.config.prediction_type)  # fmt: skip
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Tensor:
@@ -105,14 +106,16 @@ def frame_batch(world: ShapeWorld, step: int, n: int) -> tuple[Tensor, list[str]
     return clips[torch.arange(n), :, torch.as_tensor(idx)], captions
 
 
-def epsilon_loss(parts: VariantParts, frames: Tensor, captions: list[str], gen: torch.Generator) -> Tensor:
-    """The DDPM epsilon objective of the spatial UNet on (n, 3, H, W) frames (uniform timesteps)."""
+def denoising_loss(parts: VariantParts, frames: Tensor, captions: list[str], gen: torch.Generator) -> Tensor:
+    """The teacher's DDPM objective (epsilon or v) for the spatial UNet on (n, 3, H, W) frames (uniform t)."""
     with torch.no_grad():
         z0 = parts.vae.encode(frames).latent_dist.sample(generator=gen) * parts.vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=gen)
     t = draw_timesteps(z0.shape[0], gen, "uniform", len(parts.alphas_cumprod))
     hidden = parts.encode_text(captions)
-    return epsilon_errors(parts.unet, z0, noise, t, hidden, parts.alphas_cumprod).mean()
+    return prediction_errors(
+        parts.unet, z0, noise, t, hidden, parts.alphas_cumprod, parts.prediction_type
+    ).mean()
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -173,7 +176,7 @@ def finetune_variant(
             group["lr"] = config.learning_rate * _lr_factor(step, config.warmup)
         frames, captions = frame_batch(world, step, config.frames_per_step)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        loss = epsilon_loss(parts, frames, captions, gen)
+        loss = denoising_loss(parts, frames, captions, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parts.unet.parameters(), 1.0)

@@ -70,7 +70,17 @@ def make_alphas_cumprod(
 
 
 def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
-    """abar of any diffusers scheduler config (DDIM, DDPM, PeRFlow, ...), read the way diffusers reads it."""
+    """abar of any diffusers scheduler config (DDIM, DDPM, PeRFlow, ...), read the way diffusers reads it.
+
+    Raises:
+        ValueError: for a zero-terminal-SNR schedule (``rescale_betas_zero_snr``): abar_T = 0 there, and PeRFlow's
+            first window (parameterizations A and B, the DDIM teacher solver) divides by sqrt(abar) at t = 1.
+    """
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError(
+            "the teacher's scheduler config has rescale_betas_zero_snr=true (abar = 0 at the last timestep); "
+            "PeRFlow's windows and teacher solver divide by sqrt(abar) at t = 1 and do not support it yet"
+        )
     return make_alphas_cumprod(
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         beta_start=float(config.get("beta_start", 0.0001)),

@@ -152,6 +152,18 @@ def x0_from_eps(z: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
     return (z - expand_like((1.0 - abar).sqrt(), z) * eps) / expand_like(abar.sqrt(), z)
 
 
+def x0_from_model_output(output: Tensor, z: Tensor, abar: Tensor, prediction_type: str) -> Tensor:
+    """Teacher output -> x0: (z - sqrt(1 - abar) eps) / sqrt(abar) for eps, sqrt(abar) z - sqrt(1 - abar) v for
+    v_prediction (defined at abar = 0 too, where a zero-terminal-SNR teacher starts: x0 = -v)."""
+    if prediction_type == "epsilon":
+        return x0_from_eps(z, output, abar)
+    if prediction_type == "v_prediction":
+        return expand_like(abar.sqrt(), z) * z - expand_like((1.0 - abar).sqrt(), z) * output
+    raise ValueError(
+        f"unknown teacher prediction_type {prediction_type!r}; choose one of {TEACHER_PREDICTION_TYPES}"
+    )
+
+
 def dpmpp_2m_step(
     z: Tensor, x0: Tensor, x0_prev: Tensor, abar_prev: Tensor, abar: Tensor, abar_next: Tensor
 ) -> Tensor:

@@ -12,7 +12,10 @@ Where :mod:`perflow_video.tiny.tiny_models` builds random stand-ins, these build
   4), the matching ``CrossAttnUpBlock2D``, a ``UNetMidBlock2DCrossAttn`` mid block;
 * ``MotionAdapter`` (AnimateDiff v2 analogue): a motion module per resnet of every block and one in the
   mid block, 2 heads, 32 frame positions (UNet + adapter: 2.44 M);
-* ``DDIMScheduler`` with AnimateDiff's *linear* betas 0.00085 -> 0.012 over 1000 steps, epsilon.
+* ``DDIMScheduler`` with AnimateDiff's *linear* betas 0.00085 -> 0.012 over 1000 steps, epsilon
+  (``animatediff``); or the same betas rescaled to zero terminal SNR with v-prediction (``zero-snr-v``:
+  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), where z_T holds nothing
+  of the clip (AnimateDiff's keeps sqrt(abar_T) = 4.0 % of it; docs/tiny_teacher.md, eighth session).
 
 All sizes are parameters of :class:`TeacherArch` so the trials of the training script can vary them; the
 defaults are the sizes of the long run (see ``docs/tiny_teacher.md``). Builders are seeded and leave the
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -33,10 +37,13 @@ from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
 __all__ = [
     "TEACHER_SCHEDULER_CONFIG",
+    "TEACHER_SCHEDULES",
     "TeacherArch",
+    "TeacherSchedule",
     "split_unet_motion",
     "teacher_motion_adapter",
     "teacher_scheduler",
+    "teacher_scheduler_config",
     "teacher_text_encoder",
     "teacher_unet",
     "teacher_unet_motion",
@@ -54,6 +61,15 @@ TEACHER_SCHEDULER_CONFIG: dict = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
     "timestep_spacing": "linspace",
+}
+
+#: The teacher's noise schedules: AnimateDiff's own, or its betas rescaled to zero terminal SNR (then the
+#: UNet predicts v: epsilon is undefined as a target at abar_T = 0, where z_T is the noise itself).
+TeacherSchedule = Literal["animatediff", "zero-snr-v"]
+TEACHER_SCHEDULES: tuple[str, ...] = get_args(TeacherSchedule)
+_SCHEDULE_OVERRIDES: dict[str, dict] = {
+    "animatediff": {},
+    "zero-snr-v": {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"},
 }
 
 
@@ -198,6 +214,13 @@ def split_unet_motion(
     return unet.eval(), adapter.eval()
 
 
-def teacher_scheduler() -> DDIMScheduler:
-    """DDIM with the teacher's (AnimateDiff's) linear-beta schedule."""
-    return DDIMScheduler(**TEACHER_SCHEDULER_CONFIG)
+def teacher_scheduler_config(schedule: str = "animatediff") -> dict:
+    """The DDIM config of the teacher's ``schedule`` (one of :data:`TEACHER_SCHEDULES`)."""
+    if schedule not in _SCHEDULE_OVERRIDES:
+        raise ValueError(f"unknown teacher schedule {schedule!r}; choose one of {TEACHER_SCHEDULES}")
+    return {**TEACHER_SCHEDULER_CONFIG, **_SCHEDULE_OVERRIDES[schedule]}
+
+
+def teacher_scheduler(schedule: str = "animatediff") -> DDIMScheduler:
+    """DDIM with the teacher's linear-beta schedule (AnimateDiff's, or rescaled to zero terminal SNR)."""
+    return DDIMScheduler(**teacher_scheduler_config(schedule))

@@ -1,9 +1,10 @@
 """The pieces of the tiny teacher's training recipe that are math or weight surgery (``scripts/train_tiny_teacher.py``
 runs the loop; ``docs/tiny_teacher.md`` says why each exists):
 
-* :func:`epsilon_errors` - the DDPM epsilon objective per sample (videos or images), what every stage trains;
+* :func:`prediction_errors` - the DDPM objective per sample (videos or images) for an epsilon or a v
+  teacher, what every stage trains (:func:`prediction_target`: its target);
 * :func:`terminal_x0_errors` - the x0 error of the UNet's prediction from *pure* noise near t = T: AnimateDiff's
-  linear betas keep sqrt(abar_T) = 0.068 of the clip in z_T, so a model trained only on noised clips reads a
+  linear betas keep sqrt(abar_T) = 0.040 of the clip in z_T, so a model trained only on noised clips reads a
   clip out of the sampler's pure-noise start and fixes its path there, whatever the caption says (the
   non-zero terminal SNR flaw, docs/tiny_teacher.md); trained on pure noise, the first steps aim at the
   caption's mean clip instead;
@@ -33,7 +34,8 @@ from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextModel
 
 from perflow_video.errors import ConfigError
-from perflow_video.method.teacher_solver import x0_from_eps
+from perflow_video.method.parameterization import expand_like
+from perflow_video.method.teacher_solver import TEACHER_PREDICTION_TYPES, x0_from_model_output
 from perflow_video.tiny.teacher_models import TeacherArch, teacher_motion_adapter
 from perflow_video.tiny.tiny_tokenizer import tiny_tokenizer
 
@@ -41,8 +43,9 @@ __all__ = [
     "CaptionAttributeHead",
     "caption_attribute_loss",
     "draw_timesteps",
-    "epsilon_errors",
     "load_teacher_weights",
+    "prediction_errors",
+    "prediction_target",
     "reinit_motion_modules",
     "separate_word_embeddings",
     "terminal_x0_errors",
@@ -51,19 +54,39 @@ __all__ = [
 ]
 
 
-def epsilon_errors(
+def prediction_target(
+    z0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet is trained to output at z_t = sqrt(abar) z0 + sqrt(1 - abar) noise: the noise
+    (``epsilon``) or v = sqrt(abar) noise - sqrt(1 - abar) z0 (``v_prediction``; Salimans & Ho 2022,
+    docs/method.md §1). |v_hat - v|^2 = |eps_hat - eps|^2 + |x0_hat - x0|^2, so the v objective is the x0
+    error where the noise dominates and stays finite at abar = 0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return expand_like(abar.sqrt(), z0) * noise - expand_like((1 - abar).sqrt(), z0) * z0
+    raise ConfigError(
+        f"unknown prediction_type {prediction_type!r}; choose one of {TEACHER_PREDICTION_TYPES}"
+    )
+
+
+def prediction_errors(
     unet: torch.nn.Module,
     z0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
     hidden: torch.Tensor,
     alphas_cumprod: torch.Tensor,
+    prediction_type: str,
 ) -> torch.Tensor:
-    """Per-sample mean squared error of ``unet``'s epsilon at z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise
-    (docs/method.md, the teacher's objective); ``z0`` is (B, C, H, W) or (B, C, F, H, W)."""
-    a = alphas_cumprod[t].view(-1, *([1] * (z0.dim() - 1)))
-    pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=hidden).sample
-    return (pred - noise).pow(2).flatten(1).mean(dim=1)
+    """Per-sample mean squared error of ``unet``'s output (epsilon or v, ``prediction_type``) at
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise (docs/method.md, the teacher's objective); ``z0`` is
+    (B, C, H, W) or (B, C, F, H, W)."""
+    a = alphas_cumprod[t]
+    z_t = expand_like(a.sqrt(), z0) * z0 + expand_like((1 - a).sqrt(), z0) * noise
+    pred = unet(z_t, t, encoder_hidden_states=hidden).sample
+    target = prediction_target(z0, noise, a, prediction_type)
+    return (pred - target).pow(2).flatten(1).mean(dim=1)
 
 
 def terminal_x0_errors(
@@ -75,9 +98,11 @@ def terminal_x0_errors(
     alphas_cumprod: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample mean squared error |x0_hat - z0|^2 where x0_hat = (z - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
-    is the prediction from the pure noise ``z = noise`` at timestep ``t`` (no clip in the input, as the sampler
-    starts). Its minimiser is E[z0 | caption]: the first sampling steps then aim at the caption's mean clip."""
-    x0_hat = x0_from_eps(noise, unet(noise, t, encoder_hidden_states=hidden).sample, alphas_cumprod[t])
+    is an epsilon teacher's prediction from the pure noise ``z = noise`` at timestep ``t`` (no clip in the
+    input, as the sampler starts). Its minimiser is E[z0 | caption]: the first sampling steps then aim at the
+    caption's mean clip."""
+    eps = unet(noise, t, encoder_hidden_states=hidden).sample
+    x0_hat = x0_from_model_output(eps, noise, alphas_cumprod[t], "epsilon")
     return (x0_hat - z0).pow(2).flatten(1).mean(dim=1)
 
 
