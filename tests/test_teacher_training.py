@@ -339,10 +339,40 @@ def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_par
         (["--separate-words", "left"], "--init-from"),
         (["--reinit-motion"], "--init-from"),
         (["--text-attribute-loss", "0.1", "--text-lr", "0"], "--text-lr"),
+        (["--schedule", "zero-snr-v", "--x0-weight-max", "20"], "--x0-weight-max"),
+        (["--schedule", "zero-snr-v", "--terminal-loss", "0.1"], "--terminal-loss"),
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "x"), *flags])
         assert message in capsys.readouterr().err
+
+
+def test_script_fine_tunes_into_the_zero_snr_v_schedule_and_a_resume_must_keep_it(tmp_path: Path, capsys):
+    """One step from the packaged (epsilon) teacher into --schedule zero-snr-v: the loss it logs is the v
+    objective (an epsilon teacher's v error is ~1, its epsilon error ~0.03), the exported scheduler is the
+    zero-terminal-SNR v one, read by diffusers; resuming under the other schedule is refused by name."""
+    from diffusers import DDIMScheduler
+
+    script = _script()
+    out = tmp_path / "zsnr"
+    start = json.loads((tiny_teacher_folder() / "teacher_info.json").read_text())["step"]
+    argv = [
+        "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--schedule", "zero-snr-v",
+        "--steps", str(start + 1), "--batch-size", "2", "--eval-every", "1000000", "--eval-train-prompts", "1",
+        "--eval-held-out", "0", "--eval-steps", "2", "--checkpoint-minutes", "100", "--log-every", "1",
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    records = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    (loss,) = [r["loss"] for r in records if r["kind"] == "loss"]
+    assert loss > 0.3
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.alphas_cumprod[-1] == 0
+    assert json.loads((out / "teacher_info.json").read_text())["schedule"] == "zero-snr-v"
+    argv[argv.index("--steps") + 1] = str(start + 2)
+    argv[argv.index("--schedule") + 1] = "animatediff"
+    capsys.readouterr()
+    assert script.main(argv) != 0
+    assert "--schedule zero-snr-v" in capsys.readouterr().err
 
 
 def test_caption_token_positions_hold_for_every_prompt():
