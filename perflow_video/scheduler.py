@@ -335,7 +335,17 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 def perflow_scheduler_for(
     teacher_scheduler_config: dict, parameterization: str, num_windows: int
 ) -> PeRFlowScheduler:
-    """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas)."""
+    """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas).
+
+    Raises:
+        ValueError: the teacher's schedule is rescaled to zero terminal SNR (not supported yet; its betas alone
+            would give the wrong schedule).
+    """
+    if teacher_scheduler_config.get("rescale_betas_zero_snr"):
+        raise ValueError(
+            "the teacher's scheduler config has rescale_betas_zero_snr=true; PeRFlow does not support "
+            "zero-terminal-SNR teachers yet (abar = 0 at t = 1, where its first window starts)"
+        )
     return PeRFlowScheduler.from_config(
         teacher_scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
     )

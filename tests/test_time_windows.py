@@ -69,3 +69,10 @@ def test_scheduler_config_abar_is_diffusers_own_and_zero_terminal_snr_is_refused
     assert torch.equal(alphas_cumprod_from_scheduler_config(config), DDIMScheduler(**config).alphas_cumprod)
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):  # else: silently the wrong schedule
         alphas_cumprod_from_scheduler_config(teacher_scheduler_config("zero-snr-v"))
+    from perflow_video.scheduler import perflow_scheduler_for
+
+    assert torch.equal(
+        perflow_scheduler_for(config, "ddim_eps", 4).alphas_cumprod, DDIMScheduler(**config).alphas_cumprod
+    )
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        perflow_scheduler_for(teacher_scheduler_config("zero-snr-v"), "velocity", 4)
