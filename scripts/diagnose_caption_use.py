@@ -7,13 +7,18 @@ for one at right angles, left <-> up, right <-> down):
 * padding: mean norm of the text encoder's hidden-state difference at EOS and the padding (what the UNet's
   cross-attention reads most);
 * epsilon change: RMS change of the UNet's epsilon from the same noise at t = 900, 600, 300;
-* loss gap: epsilon loss on noised shape-world clips with the swapped captions minus the right ones
-  (> 0 means the UNet uses the word the right way).
+* loss gap: the training loss (epsilon or v, the teacher's) on noised shape-world clips with the swapped
+  captions minus the right ones (> 0 means the UNet uses the word the right way).
 
 x0 track: the slope (pixels per frame, along the caption's direction) of the centroid track of the decoded
 x0 prediction from pure noise at t = 999, 900, 700, without guidance and with --cfg, over 32 captions (8 per
 direction, the same 8 noises for each), beside the same slope of the data's mean clip per direction (~0.9):
 where sampling decides the direction, does the teacher know it? (0 for a teacher that ignores the word.)
+
+leak: the x0 error (relative to the clips' variance) of the prediction from *noised* validation clips at
+t = 999, 950, 900, 800, with their own captions and with the next clip's, beside that of the clips' mean (a
+prediction that reads nothing): below it, the teacher reads the clip out of z_t, which the sampler's pure-noise
+start does not hold (AnimateDiff's betas keep 4 % of the clip at t = 999; a zero-terminal-SNR schedule none).
 
 frame order: RMS change of the epsilon at t = 900, 600, 300 when the frames are reversed (and the output
 reversed back), and when they are shuffled; a reversal change far below the shuffle's means the motion
@@ -56,6 +61,7 @@ from perflow_video.evaluation.caption_use import (  # noqa: E402
     opposite_word_samples,
     padding_difference,
     probe_samples,
+    relative_x0_error,
     swap_caption,
     swap_loss_gap,
     validation_latents,
@@ -121,6 +127,22 @@ def frame_order(teacher, z0: torch.Tensor, noise: torch.Tensor, hidden: torch.Te
 
 
 X0_TRACK_TIMESTEPS = (999, 900, 700)
+LEAK_TIMESTEPS = (999, 950, 900, 800)
+
+
+def leak(teacher, z0, noise, prompts: list[str], alphas, prediction_type: str) -> dict:
+    """Per high timestep: the x0 error (relative to the clips' variance) from noised validation clips with their
+    own captions and with the next clip's; and that of the clips' mean, a prediction that reads nothing."""
+    own = hidden_states(teacher, prompts)
+    other = hidden_states(teacher, prompts[1:] + prompts[:1])
+    out: dict = {}
+    for step in LEAK_TIMESTEPS:
+        out[step] = {
+            name: round(relative_x0_error(teacher.unet, z0, noise, step, h, alphas, prediction_type), 3)
+            for name, h in (("own", own), ("other", other))
+        }
+    out["clips_mean"] = round(((z0.mean(0, keepdim=True) - z0).pow(2).mean() / z0.var()).item(), 3)
+    return out
 
 
 def direction_mean_latents(teacher, seed: int, clips: int = 288) -> dict[str, torch.Tensor]:
@@ -189,6 +211,7 @@ def measure(args: argparse.Namespace) -> dict:
         }
     out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
     out["x0_track"] = x0_track(teacher, alphas, prediction_type, args.cfg, args.seed)
+    out["leak"] = leak(teacher, z0, noise, prompts, alphas, prediction_type)
     if args.same_noise:
         chosen = select_prompts(str(args.same_noise))
         out["same_noise"] = opposite_word_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)

@@ -68,6 +68,11 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     assert use["x0_track"]["data_mean_clip"] > 0.8
     for t in ("999", "900", "700"):
         assert max(abs(v) for v in use["x0_track"][t].values()) < 0.02
+    # the leak: from noised clips at t = 950 (4 - 5 % of the clip left) and 800 it reads the clip, better than the
+    # clips' mean and best with its own caption
+    leak = use["leak"]
+    assert leak["800"]["own"] < 0.8 * leak["clips_mean"] and leak["950"]["own"] < leak["clips_mean"]
+    assert leak["800"]["own"] < leak["800"]["other"] and leak["950"]["own"] < leak["950"]["other"]
     # from the same noise, "left" and "right" give clips moving the same way: the noise fixes the path
     assert use["same_noise"]["pairs"] == 4 and use["same_noise"]["same"] >= 3
     assert use["same_noise_mean_start"]["pairs"] == 4  # the start holding the direction's mean (docs figure)

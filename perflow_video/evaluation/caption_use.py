@@ -19,6 +19,11 @@ sampling decides it, at the first steps: the slope of the decoded x0 prediction'
 noise, along the caption's direction. The data's mean clip per direction moves ~0.9 px / frame (a clip moving left
 starts on the right); a teacher that ignores the word predicts the same track for every direction.
 
+:func:`relative_x0_error` measures how much of a clip the first timesteps still hold: the x0 error of the
+teacher's prediction from *noised clips* at a high t, relative to the clips' variance, with their own captions
+and with other clips' (docs/tiny_teacher.md, the non-zero terminal SNR leak). Below the error of the data's mean
+clip with the *other* captions, the teacher reads the clip out of z_t, which pure noise at sampling does not hold.
+
 :func:`frame_order_change` asks whether the motion modules can express a direction at all: how much the
 epsilon changes when the clip's frames are reordered (and the output ordered back). A UNet that treats frames
 independently changes by 0 under any order; one whose motion modules are symmetric in time changes by 0
@@ -42,6 +47,7 @@ from perflow_video.toy.toy_clips import BACKGROUND
 
 __all__ = [
     "SWAPS",
+    "relative_x0_error",
     "centroid_track_slope",
     "epsilon_change",
     "frame_order_change",
@@ -102,6 +108,25 @@ def frame_order_change(unet: torch.nn.Module, z_t: Tensor, t: int, hidden: Tenso
     eps = unet(z_t, steps, encoder_hidden_states=cond).sample
     eps_reordered = unet(z_t[:, :, order], steps, encoder_hidden_states=cond).sample[:, :, order.argsort()]
     return (eps - eps_reordered).pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def relative_x0_error(
+    unet: torch.nn.Module,
+    z0: Tensor,
+    noise: Tensor,
+    t: int,
+    hidden: Tensor,
+    alphas_cumprod: Tensor,
+    prediction_type: str,
+) -> float:
+    """mean |x0_hat - z0|^2 / var(z0) of the prediction from z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise at
+    timestep ``t`` (one for all clips), captions ``hidden`` (B, L, D); ``prediction_type``: the teacher's."""
+    frames, a = z0.shape[2], alphas_cumprod[torch.full((z0.shape[0],), t)]
+    z_t = a.sqrt().view(-1, 1, 1, 1, 1) * z0 + (1 - a).sqrt().view(-1, 1, 1, 1, 1) * noise
+    out = unet(z_t, torch.full((z0.shape[0],), t), encoder_hidden_states=hidden.repeat_interleave(frames, 0))
+    x0 = x0_from_model_output(out.sample, z_t, a, prediction_type)
+    return ((x0 - z0).pow(2).mean() / z0.var()).item()
 
 
 @torch.no_grad()
