@@ -85,6 +85,7 @@ from perflow_video.toy.shape_world import (  # noqa: E402
     ShapeWorld,
     ShapeWorldConfig,
     attribute_labels,
+    parse_prompt,
 )
 from perflow_video.toy.toy_clips import COLORS, DIRECTIONS, SHAPES  # noqa: E402
 
@@ -289,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
         "[%(default)s]",
     )
     a(
+        "--direction",
+        choices=("", *DIRECTIONS),
+        default="",
+        help="train on (and evaluate) only the prompts moving this way: with --init-from and only the motion "
+        "modules learning (--lr 0 --text-lr 0 --motion-lr R), the run's motion_adapter/ is a direction "
+        "adapter, like a pan-left motion LoRA of AnimateDiff (docs/tiny_teacher.md, eighth session); "
+        "'' = all four [all]",
+    )
+    a(
         "--schedule",
         choices=TEACHER_SCHEDULES,
         default="animatediff",
@@ -421,9 +431,14 @@ def _save_strip(clips: list[torch.Tensor], path: Path, frames: tuple[int, ...] =
         img.save(tmp, format="PNG")
 
 
-def eval_prompts(n_train: int, n_held: int) -> list[str]:
+def eval_prompts(n_train: int, n_held: int, direction: str = "") -> list[str]:
     """Deterministic evaluation prompts: training prompts chosen so every colour, shape and direction
-    appears (colour i, shape (i+1)%3, direction (i+2)%4, then shifted variants), plus held-out ones."""
+    appears (colour i, shape (i+1)%3, direction (i+2)%4, then shifted variants), plus held-out ones; with
+    ``direction``, the first of that direction's training and held-out prompts instead."""
+    if direction:
+        moving = [p for p in ALL_PROMPTS if parse_prompt(p)[2] == direction]
+        train_d, held_d = [p for p in moving if p not in HELD_OUT], [p for p in moving if p in HELD_OUT]
+        return train_d[:n_train] + held_d[:n_held]
     train = [p for p in ALL_PROMPTS if p not in HELD_OUT]
     colors = list(COLORS)
     chosen: list[str] = []
@@ -944,8 +959,8 @@ def teacher_data(args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, run: Teach
     attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
     return TeacherData(
         vae=vae,
-        world=ShapeWorld("train", seed=args.seed, config=cfg, drop_prompt=args.drop_prompt),
-        image_world=ShapeWorld("train", seed=args.seed + 0x1AA6E, config=cfg, drop_prompt=args.drop_prompt),
+        world=ShapeWorld("train", args.seed, cfg, args.drop_prompt, args.direction or None),
+        image_world=ShapeWorld("train", args.seed + 0x1AA6E, cfg, args.drop_prompt, args.direction or None),
         unet2d=tied_image_unet(run.unet, arch) if args.image_batch > 0 else None,
         alphas=teacher_scheduler(args.schedule).alphas_cumprod,
         prediction_type=teacher_scheduler(args.schedule).config.prediction_type,
@@ -1028,7 +1043,7 @@ def evaluate_and_snapshot(
     metrics: Path,
 ) -> None:
     """Samples and probes the EMA teacher, logs it, and writes it to ``<out>/snapshot``."""
-    prompts = eval_prompts(args.eval_train_prompts, args.eval_held_out)
+    prompts = eval_prompts(args.eval_train_prompts, args.eval_held_out, args.direction)
     ev = evaluate_teacher(
         run.ema_unet,
         run.ema_text,
@@ -1114,6 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.separate_norm <= 0:
         parser.error(f"--separate-norm must be > 0, got {args.separate_norm}")
+    if args.direction and args.reversal_pairs:
+        parser.error("--reversal-pairs adds clips moving the opposite way; a --direction run cannot use it")
     if args.schedule == "zero-snr-v" and args.x0_weight_max != 1:
         parser.error(
             "--x0-weight-max weights the epsilon loss; --schedule zero-snr-v trains v, whose loss already is "

@@ -186,3 +186,13 @@ def test_reversal_pairs_contrast_only_the_direction_and_never_train_a_held_out_t
         assert parse_prompt(first)[:2] == parse_prompt(second)[:2]
         torch.testing.assert_close(clips[40 + k], clips[k].flip(1), atol=1e-5, rtol=0)
     assert contrasted >= 20
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_a_one_direction_world_holds_exactly_that_directions_prompts_of_its_split(direction):
+    world = ShapeWorld("train", seed=3, direction=direction)
+    expected = {p for p in ALL_PROMPTS if p not in HELD_OUT and parse_prompt(p)[2] == direction}
+    assert set(world.prompts) == expected and len(world.prompts) == len(expected)
+    assert {world.spec(i).direction for i in range(40)} == {direction}
+    with pytest.raises(ValueError, match="direction"):
+        ShapeWorld("train", direction="sideways")

@@ -341,6 +341,7 @@ def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_par
         (["--text-attribute-loss", "0.1", "--text-lr", "0"], "--text-lr"),
         (["--schedule", "zero-snr-v", "--x0-weight-max", "20"], "--x0-weight-max"),
         (["--schedule", "zero-snr-v", "--terminal-loss", "0.1"], "--terminal-loss"),
+        (["--direction", "left", "--reversal-pairs"], "--reversal-pairs"),
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "x"), *flags])
@@ -373,6 +374,14 @@ def test_script_fine_tunes_into_the_zero_snr_v_schedule_and_a_resume_must_keep_i
     capsys.readouterr()
     assert script.main(argv) != 0
     assert "--schedule zero-snr-v" in capsys.readouterr().err
+
+
+def test_a_direction_runs_eval_prompts_are_that_directions_training_and_held_out_prompts():
+    from perflow_video.toy.shape_world import HELD_OUT, parse_prompt
+
+    prompts = _script().eval_prompts(16, 2, "left")
+    assert len(set(prompts)) == 18 and {parse_prompt(p)[2] for p in prompts} == {"left"}
+    assert [p in HELD_OUT for p in prompts] == [False] * 16 + [True] * 2
 
 
 def test_caption_token_positions_hold_for_every_prompt():

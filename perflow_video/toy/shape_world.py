@@ -216,6 +216,8 @@ class ShapeWorld:
         config: Frame size, length and parameter bounds.
         drop_prompt: Probability that a clip's caption is replaced by ``""`` (for classifier-free
             guidance); drawn per index, deterministically.
+        direction: Keep only the split's prompts moving this way (a one-direction world: what a direction
+            motion adapter is trained on); None keeps all four.
     """
 
     def __init__(
@@ -224,6 +226,7 @@ class ShapeWorld:
         seed: int = 0,
         config: ShapeWorldConfig = ShapeWorldConfig(),
         drop_prompt: float = 0.0,
+        direction: str | None = None,
     ) -> None:
         if split == "train":
             self.prompts = tuple(p for p in ALL_PROMPTS if p not in HELD_OUT)
@@ -233,6 +236,12 @@ class ShapeWorld:
             self.prompts = ALL_PROMPTS
         else:
             raise ValueError(f"unknown split {split!r}; expected 'train', 'held_out' or 'all'")
+        if direction is not None:
+            if direction not in DIRECTION_VECTORS:
+                raise ValueError(
+                    f"unknown direction {direction!r}; expected one of {tuple(DIRECTION_VECTORS)}"
+                )
+            self.prompts = tuple(p for p in self.prompts if parse_prompt(p)[2] == direction)
         if not 0.0 <= drop_prompt < 1.0:
             raise ValueError(f"drop_prompt must be in [0, 1), got {drop_prompt}")
         self.split, self.seed, self.config, self.drop_prompt = split, seed, config, drop_prompt
