@@ -54,6 +54,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from perflow_video.errors import ConfigError
 from perflow_video.method.noise_schedule import make_alphas_cumprod
 from perflow_video.method.parameterization import canonical_prediction_type, get_parameterization
 from perflow_video.method.time_windows import (
@@ -338,11 +339,11 @@ def perflow_scheduler_for(
     """A PeRFlowScheduler on the teacher's own noise schedule (e.g. AnimateDiff's linear betas).
 
     Raises:
-        ValueError: the teacher's schedule is rescaled to zero terminal SNR (not supported yet; its betas alone
+        ConfigError: the teacher's schedule is rescaled to zero terminal SNR (not supported yet; its betas alone
             would give the wrong schedule).
     """
     if teacher_scheduler_config.get("rescale_betas_zero_snr"):
-        raise ValueError(
+        raise ConfigError(
             "the teacher's scheduler config has rescale_betas_zero_snr=true; PeRFlow does not support "
             "zero-terminal-SNR teachers yet (abar = 0 at t = 1, where its first window starts)"
         )

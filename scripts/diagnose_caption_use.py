@@ -6,7 +6,8 @@ for one at right angles, left <-> up, right <-> down):
 
 * padding: mean norm of the text encoder's hidden-state difference at EOS and the padding (what the UNet's
   cross-attention reads most);
-* epsilon change: RMS change of the UNet's epsilon from the same noise at t = 900, 600, 300;
+* epsilon change: RMS change of the UNet's epsilon (its raw output: v for a v-prediction teacher) from the same
+  noise at t = 900, 600, 300;
 * loss gap: the training loss (epsilon or v, the teacher's) on noised shape-world clips with the swapped
   captions minus the right ones (> 0 means the UNet uses the word the right way).
 

@@ -6,7 +6,8 @@ One command does everything, in two stages, and resumes by itself when run again
    reconstruction PSNR and the probe's accuracy on reconstructions, sets ``scaling_factor`` = 1 / latent std,
    and stores it in ``<out>/training/vae/``.
 2. Teacher: trains the ``CLIPTextModel`` and the ``UNetMotionModel`` jointly with the epsilon objective on
-   AnimateDiff's linear-beta schedule (1000 steps), prompts balanced over the 66 training prompts and
+   AnimateDiff's linear-beta schedule (1000 steps; ``--schedule zero-snr-v``: v on those betas rescaled to
+   zero terminal SNR), prompts balanced over the 66 training prompts and
    dropped to "" with probability --drop-prompt (classifier-free guidance). Every --eval-every steps, the EMA
    weights sample a few prompts (50-step DDIM, CFG), the pixel probe grades them, the numbers go to
    ``<out>/training/metrics.jsonl``, a frame strip to ``<out>/training/samples/``, and a loadable snapshot
@@ -19,7 +20,7 @@ uninterrupted one would).
 
 At the end the EMA teacher is written to ``<out>/`` in diffusers layout (safetensors only): ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``unet/`` (the ``UNet2DConditionModel`` part), ``motion_adapter/``,
-``scheduler/`` (DDIM, linear betas) and ``model_index.json``. Load it like SD1.5 + an AnimateDiff adapter::
+``scheduler/`` (DDIM, linear betas, the run's schedule) and ``model_index.json``. Load it like SD1.5 + an AnimateDiff adapter::
 
     adapter = MotionAdapter.from_pretrained(out / "motion_adapter")
     pipe = AnimateDiffPipeline.from_pretrained(out, motion_adapter=adapter)
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("", *DIRECTIONS),
         default="",
-        help="train on (and evaluate) only the prompts moving this way: with --init-from and only the motion "
+        help="train on (and sample the evaluation prompts of) only the prompts moving this way: with --init-from and only the motion "
         "modules learning (--lr 0 --text-lr 0 --motion-lr R), the run's motion_adapter/ is a direction "
         "adapter, like a pan-left motion LoRA of AnimateDiff (docs/tiny_teacher.md, eighth session); "
         "'' = all four [all]",
@@ -859,6 +860,12 @@ def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) ->
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if ck["arch"] != arch.to_json():
         raise SystemExit(f"{ckpt_path} was trained with another architecture: {ck['arch']}")
+    trained_direction = ck["args"].get("direction", "")
+    if trained_direction != args.direction:
+        raise ConfigError(
+            f"{ckpt_path} was trained with --direction '{trained_direction}', this run has --direction "
+            f"'{args.direction}': resume with the same or start a new --out"
+        )
     trained_schedule = ck["args"].get("schedule", "animatediff")
     if trained_schedule != args.schedule:
         raise ConfigError(
@@ -890,7 +897,7 @@ def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) ->
 
 
 def init_teacher_from(run: TeacherRun, args, arch: TeacherArch, metrics: Path) -> None:
-    step = load_teacher_weights(Path(args.init_from), arch, run.unet, run.encoder)
+    step = load_teacher_weights(Path(args.init_from), arch, run.unet, run.encoder, args.schedule)
     if step >= args.steps:
         raise ConfigError(f"--steps {args.steps}: --init-from {args.init_from} is already at step {step}")
     run.step, run.clips_seen, run.warm_start = step, step * args.batch_size, step

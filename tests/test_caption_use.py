@@ -68,7 +68,7 @@ def test_the_shipped_teacher_reads_colour_and_shape_but_not_direction(tmp_path: 
     assert use["x0_track"]["data_mean_clip"] > 0.8
     for t in ("999", "900", "700"):
         assert max(abs(v) for v in use["x0_track"][t].values()) < 0.02
-    # the leak: from noised clips at t = 950 (4 - 5 % of the clip left) and 800 it reads the clip, better than the
+    # the leak: from noised clips at t = 950 (5.3 % of the clip left) and 800 it reads the clip, better than the
     # clips' mean and best with its own caption
     leak = use["leak"]
     assert leak["800"]["own"] < 0.8 * leak["clips_mean"] and leak["950"]["own"] < leak["clips_mean"]
@@ -109,3 +109,32 @@ def test_centroid_track_slope_is_the_clips_speed_along_its_direction_and_flips_w
     assert centroid_track_slope(backwards, [s.direction for s in specs]) == pytest.approx(-slopes, abs=0.05)
     static = clips[:, :, :1].expand_as(clips)
     assert centroid_track_slope(static, [s.direction for s in specs]).abs().max() < 1e-4
+
+
+class _ExactV(torch.nn.Module):
+    """A v-prediction UNet that knows the clips: its x0 is exact, at abar = 0 too."""
+
+    def __init__(self, z0: torch.Tensor, alphas: torch.Tensor) -> None:
+        super().__init__()
+        self.z0, self.alphas = z0, alphas
+
+    def forward(self, z_t, t, encoder_hidden_states):  # noqa: ARG002
+        a = self.alphas[t].view(-1, 1, 1, 1, 1)
+        eps = (z_t - a.sqrt() * self.z0) / (1 - a).sqrt()
+        return type("Out", (), {"sample": a.sqrt() * eps - (1 - a).sqrt() * self.z0})()
+
+
+def test_relative_x0_error_is_zero_for_exact_clips_and_the_variance_ratio_for_a_constant():
+    from perflow_video.evaluation.caption_use import relative_x0_error
+    from perflow_video.tiny.teacher_models import teacher_scheduler
+
+    alphas = teacher_scheduler("zero-snr-v").alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 5, 8, 8, generator=g), torch.randn(3, 4, 5, 8, 8, generator=g)
+    hidden = torch.zeros(3, 77, 32)
+    for t in (999, 950, 300):
+        assert relative_x0_error(_ExactV(z0, alphas), z0, noise, t, hidden, alphas, "v_prediction") < 1e-8
+    # predicting x0 = 0 everywhere misses by mean(z0^2) / var(z0)
+    zero = _ExactV(torch.zeros_like(z0), alphas)
+    expected = (z0.pow(2).mean() / z0.var()).item()
+    assert abs(relative_x0_error(zero, z0, noise, 999, hidden, alphas, "v_prediction") - expected) < 1e-5

@@ -77,7 +77,7 @@ class _Oracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 8, 8), (3, 4, 5, 8, 8)])
-def test_epsilon_errors_vanish_for_the_true_noise_and_are_per_sample(shape):
+def test_epsilon_prediction_errors_vanish_for_the_true_noise_and_are_per_sample(shape):
     g = torch.Generator().manual_seed(2)
     z0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.tensor([3, 500, 990])
@@ -341,7 +341,7 @@ def test_script_refuses_a_partial_folder_another_vae_and_flags_without_their_par
         (["--text-attribute-loss", "0.1", "--text-lr", "0"], "--text-lr"),
         (["--schedule", "zero-snr-v", "--x0-weight-max", "20"], "--x0-weight-max"),
         (["--schedule", "zero-snr-v", "--terminal-loss", "0.1"], "--terminal-loss"),
-        (["--direction", "left", "--reversal-pairs"], "--reversal-pairs"),
+        (["--direction", "left", "--reversal-pairs"], "a --direction run"),
     ):
         with pytest.raises(SystemExit):
             script.main(["--out", str(tmp_path / "x"), *flags])
@@ -374,6 +374,10 @@ def test_script_fine_tunes_into_the_zero_snr_v_schedule_and_a_resume_must_keep_i
     capsys.readouterr()
     assert script.main(argv) != 0
     assert "--schedule zero-snr-v" in capsys.readouterr().err
+    # a v teacher is never continued as an epsilon one
+    arch = TeacherArch()
+    with pytest.raises(ConfigError, match="--schedule zero-snr-v"):
+        load_teacher_weights(out, arch, teacher_unet_motion(arch), teacher_text_encoder(arch), "animatediff")
 
 
 def test_a_direction_runs_eval_prompts_are_that_directions_training_and_held_out_prompts():

@@ -3,7 +3,7 @@ claim (f), "plug-and-play").
 
 Community checkpoints that AnimateDiff users swap in are *image* fine-tunes of SD1.5: new spatial UNet
 weights, the same VAE, text encoder and motion module. The variant here is made the same way: the teacher's
-spatial ``UNet2DConditionModel`` alone is fine-tuned with the epsilon objective on single frames of a
+spatial ``UNet2DConditionModel`` alone is fine-tuned with its objective (epsilon, or v for a zero-SNR teacher) on single frames of a
 shape world whose objects are drawn smaller (radius 3 - 4.5 pixels instead of 4.5 - 7; the teacher's VAE
 reconstructs them at ~32 dB, while a new background or palette it has never seen it cannot: 8 - 19 dB).
 The VAE, text encoder, tokenizer, scheduler and motion adapter are copied unchanged, so the variant is a

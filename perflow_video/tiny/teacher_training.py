@@ -220,11 +220,16 @@ def caption_attribute_loss(
 
 
 def load_teacher_weights(
-    folder: Path, arch: TeacherArch, unet: UNetMotionModel, encoder: CLIPTextModel
+    folder: Path,
+    arch: TeacherArch,
+    unet: UNetMotionModel,
+    encoder: CLIPTextModel,
+    schedule: str = "animatediff",
 ) -> int:
     """Loads ``folder``'s (a ``train_tiny_teacher.py`` output) text encoder and UNet + motion adapter into
-    ``unet`` and ``encoder`` (strict), after checking its ``teacher_info.json`` names ``arch``; returns the
-    training step it records."""
+    ``unet`` and ``encoder`` (strict), after checking its ``teacher_info.json`` names ``arch`` and a schedule
+    the run may continue in (``schedule``: the same, or ``zero-snr-v`` from an ``animatediff`` teacher, the
+    fine-tune into it); returns the training step it records."""
     info_path = folder / "teacher_info.json"
     if not info_path.is_file():
         raise ConfigError(f"--init-from {folder}: no teacher_info.json (not a train_tiny_teacher.py folder)")
@@ -232,6 +237,12 @@ def load_teacher_weights(
     if info.get("arch") != arch.to_json():
         raise ConfigError(
             f"--init-from {folder}: its architecture {info.get('arch')} is not this run's {arch.to_json()}"
+        )
+    trained = info.get("schedule", "animatediff")  # folders from before --schedule are AnimateDiff's
+    if trained != schedule and (trained, schedule) != ("animatediff", "zero-snr-v"):
+        raise ConfigError(
+            f"--init-from {folder}: it was trained with --schedule {trained}, this run has --schedule {schedule} "
+            f"(its UNet predicts {'v' if trained == 'zero-snr-v' else 'epsilon'}): give --schedule {trained}"
         )
     loaded = UNetMotionModel.from_unet2d(
         UNet2DConditionModel.from_pretrained(folder / "unet"),

@@ -125,7 +125,12 @@ def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator)
         sum(p.numel() for p in models.student.parameters() if p.requires_grad) / 1e6,
     )  # fmt: skip
     log_sharing(models)
-    abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
+    try:
+        abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
+    except (
+        ValueError
+    ) as err:  # a schedule PeRFlow cannot train on (zero terminal SNR): the user's choice of teacher
+        raise ConfigError(f"model.base_model={models.base_model}: {err}") from err
     return Models(models, FrozenModel(models.teacher, dtype), reflow, abar, trained)
 
 
