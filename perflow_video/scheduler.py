@@ -55,7 +55,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from perflow_video.errors import ConfigError
-from perflow_video.method.noise_schedule import make_alphas_cumprod
+from perflow_video.method.noise_schedule import make_alphas_cumprod, unsupported_schedule_reason
 from perflow_video.method.parameterization import canonical_prediction_type, get_parameterization
 from perflow_video.method.time_windows import (
     abar_at,
@@ -342,11 +342,9 @@ def perflow_scheduler_for(
         ConfigError: the teacher's schedule is rescaled to zero terminal SNR (not supported yet; its betas alone
             would give the wrong schedule).
     """
-    if teacher_scheduler_config.get("rescale_betas_zero_snr"):
-        raise ConfigError(
-            "the teacher's scheduler config has rescale_betas_zero_snr=true; PeRFlow does not support "
-            "zero-terminal-SNR teachers yet (abar = 0 at t = 1, where its first window starts)"
-        )
+    reason = unsupported_schedule_reason(teacher_scheduler_config)
+    if reason:
+        raise ConfigError(reason)
     return PeRFlowScheduler.from_config(
         teacher_scheduler_config, prediction_type=parameterization, num_time_windows=num_windows
     )

@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("", *DIRECTIONS),
         default="",
-        help="train on (and sample the evaluation prompts of) only the prompts moving this way: with --init-from and only the motion "
-        "modules learning (--lr 0 --text-lr 0 --motion-lr R), the run's motion_adapter/ is a direction "
+        help="train on (and sample the evaluation prompts of) only the prompts moving this way: with "
+        "--init-from and only the motion modules learning (--lr 0 --text-lr 0 --motion-lr R), the run's motion_adapter/ is a direction "
         "adapter, like a pan-left motion LoRA of AnimateDiff (docs/tiny_teacher.md, eighth session); "
         "'' = all four [all]",
     )
@@ -964,13 +964,14 @@ class TeacherData:
 
 def teacher_data(args, arch: TeacherArch, cfg: ShapeWorldConfig, vae, run: TeacherRun) -> TeacherData:
     attr_prompts = [p for p in ALL_PROMPTS if p not in HELD_OUT]
+    schedule = teacher_scheduler(args.schedule)
     return TeacherData(
         vae=vae,
         world=ShapeWorld("train", args.seed, cfg, args.drop_prompt, args.direction or None),
         image_world=ShapeWorld("train", args.seed + 0x1AA6E, cfg, args.drop_prompt, args.direction or None),
         unet2d=tied_image_unet(run.unet, arch) if args.image_batch > 0 else None,
-        alphas=teacher_scheduler(args.schedule).alphas_cumprod,
-        prediction_type=teacher_scheduler(args.schedule).config.prediction_type,
+        alphas=schedule.alphas_cumprod,
+        prediction_type=schedule.config.prediction_type,
         text=Text(run.encoder),
         attr_prompts=attr_prompts,
         attr_labels=torch.tensor([attribute_labels(p) for p in attr_prompts]),

@@ -69,18 +69,27 @@ def make_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def unsupported_schedule_reason(config: dict) -> str | None:
+    """Why PeRFlow cannot train on or sample a teacher with this scheduler config, or None: a schedule rescaled to
+    zero terminal SNR (``rescale_betas_zero_snr``) has abar_T = 0, and PeRFlow's first window (parameterizations A
+    and B, the DDIM teacher solver) divides by sqrt(abar) at t = 1."""
+    if config.get("rescale_betas_zero_snr"):
+        return (
+            "the teacher's scheduler config has rescale_betas_zero_snr=true (abar = 0 at the last timestep); "
+            "PeRFlow's windows and teacher solver divide by sqrt(abar) at t = 1 and do not support it yet"
+        )
+    return None
+
+
 def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
     """abar of any diffusers scheduler config (DDIM, DDPM, PeRFlow, ...), read the way diffusers reads it.
 
     Raises:
-        ValueError: for a zero-terminal-SNR schedule (``rescale_betas_zero_snr``): abar_T = 0 there, and PeRFlow's
-            first window (parameterizations A and B, the DDIM teacher solver) divides by sqrt(abar) at t = 1.
+        ValueError: a schedule PeRFlow does not support (:func:`unsupported_schedule_reason`).
     """
-    if config.get("rescale_betas_zero_snr"):
-        raise ValueError(
-            "the teacher's scheduler config has rescale_betas_zero_snr=true (abar = 0 at the last timestep); "
-            "PeRFlow's windows and teacher solver divide by sqrt(abar) at t = 1 and do not support it yet"
-        )
+    reason = unsupported_schedule_reason(config)
+    if reason:
+        raise ValueError(reason)
     return make_alphas_cumprod(
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         beta_start=float(config.get("beta_start", 0.0001)),

@@ -19,7 +19,10 @@ from perflow_video.errors import ConfigError
 from perflow_video.families import FamilyModels, FamilySpec, LoraSpec, ModelFamily
 from perflow_video.families.attention import configure_attention
 from perflow_video.families.base import shared_with_teacher
-from perflow_video.method.noise_schedule import alphas_cumprod_from_scheduler_config
+from perflow_video.method.noise_schedule import (
+    alphas_cumprod_from_scheduler_config,
+    unsupported_schedule_reason,
+)
 from perflow_video.method.reflow_evaluation import FixedReflowDraws, fixed_draws
 from perflow_video.method.teacher_solver import Conditioning
 from perflow_video.training import checkpointing
@@ -125,12 +128,10 @@ def load_models(cfg: TrainConfig, family: ModelFamily, accelerator: Accelerator)
         sum(p.numel() for p in models.student.parameters() if p.requires_grad) / 1e6,
     )  # fmt: skip
     log_sharing(models)
-    try:
-        abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
-    except (
-        ValueError
-    ) as err:  # a schedule PeRFlow cannot train on (zero terminal SNR): the user's choice of teacher
-        raise ConfigError(f"model.base_model={models.base_model}: {err}") from err
+    reason = unsupported_schedule_reason(models.scheduler_config)
+    if reason:  # the user's choice of teacher: an error naming it, not a traceback
+        raise ConfigError(f"model.base_model={models.base_model}: {reason}")
+    abar = alphas_cumprod_from_scheduler_config(models.scheduler_config)
     return Models(models, FrozenModel(models.teacher, dtype), reflow, abar, trained)
 
 
