@@ -291,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
         "[%(default)s]",
     )
     a(
+        "--trail-frames",
+        type=float,
+        default=0.0,
+        help="draw a fading trail behind every shape, this many frames of its motion long, so each single "
+        "frame shows which way it moves (ShapeWorldConfig.trail_frames; docs/tiny_teacher.md, ninth "
+        "session); a resume must keep it; 0 = no trail, the shipped teacher's world [0]",
+    )
+    a(
+        "--trail-opacity",
+        type=float,
+        default=0.35,
+        help="the trail's opacity right behind the shape, fading towards 0 at its end [0.35]",
+    )
+    a(
         "--direction",
         choices=("", *DIRECTIONS),
         default="",
@@ -866,6 +880,13 @@ def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) ->
             f"{ckpt_path} was trained with --direction '{trained_direction}', this run has --direction "
             f"'{args.direction}': resume with the same or start a new --out"
         )
+    trained_trail = (ck["args"].get("trail_frames", 0.0), ck["args"].get("trail_opacity", 0.35))
+    if trained_trail != (args.trail_frames, args.trail_opacity):
+        raise ConfigError(
+            f"{ckpt_path} was trained with --trail-frames {trained_trail[0]:g} --trail-opacity "
+            f"{trained_trail[1]:g}, this run has {args.trail_frames:g} / {args.trail_opacity:g}: resume with "
+            "the same trail or start a new --out"
+        )
     trained_schedule = ck["args"].get("schedule", "animatediff")
     if trained_schedule != args.schedule:
         raise ConfigError(
@@ -1139,6 +1160,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--separate-norm must be > 0, got {args.separate_norm}")
     if args.direction and args.reversal_pairs:
         parser.error("--reversal-pairs adds clips moving the opposite way; a --direction run cannot use it")
+    if args.trail_frames < 0 or not 0 < args.trail_opacity <= 1:
+        parser.error(
+            f"--trail-frames must be >= 0 and --trail-opacity in (0, 1], got {args.trail_frames:g} and "
+            f"{args.trail_opacity:g}"
+        )
+    if args.trail_frames > 0 and args.reversal_pairs:
+        parser.error("--reversal-pairs plays clips backwards, and a reversed trail points ahead: drop one")
     if args.schedule == "zero-snr-v" and args.x0_weight_max != 1:
         parser.error(
             "--x0-weight-max weights the epsilon loss; --schedule zero-snr-v trains v, whose loss already is "
@@ -1170,7 +1198,12 @@ def main(argv: list[str] | None = None) -> int:
         text_layers=args.text_layers,
         max_frames=max(32, args.num_frames),
     )
-    cfg = ShapeWorldConfig(size=args.frame_size, num_frames=args.num_frames)
+    cfg = ShapeWorldConfig(
+        size=args.frame_size,
+        num_frames=args.num_frames,
+        trail_frames=args.trail_frames,
+        trail_opacity=args.trail_opacity,
+    )
     _append_jsonl(
         metrics,
         {

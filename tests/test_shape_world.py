@@ -196,3 +196,48 @@ def test_a_one_direction_world_holds_exactly_that_directions_prompts_of_its_spli
     assert {world.spec(i).direction for i in range(40)} == {direction}
     with pytest.raises(ValueError, match="direction"):
         ShapeWorld("train", direction="sideways")
+
+
+def _offset_along_motion(frame: torch.Tensor, spec, t: float) -> float:
+    """Brightness-weighted centroid of one frame minus the shape's centre, along the motion direction (px)."""
+    weight = (frame + 1.0).sum(dim=0) - (torch.tensor(BACKGROUND) / 127.5).sum()  # above the background
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    cy, cx = spec.center(t)
+    dy, dx = DIRECTION_VECTORS[spec.direction]
+    centroid = ((weight * ys).sum() / weight.sum(), (weight * xs).sum() / weight.sum())
+    return float((centroid[0] - cy) * dy + (centroid[1] - cx) * dx)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_a_trail_shows_the_direction_in_every_single_frame_and_none_is_drawn_by_default(direction):
+    trail = ShapeWorldConfig(trail_frames=4.0)
+    spec = next(
+        s for s in (ShapeWorld("all", seed=5).spec(i) for i in range(200)) if s.direction == direction
+    )
+    plain, trailed = render_clip(spec), render_clip(spec, trail)
+    assert torch.equal(plain, render_clip(spec, ShapeWorldConfig(trail_frames=0.0)))
+    for f in range(16):
+        t = f / 15
+        # The trail moves the frame's centroid behind the shape's own, even in the first frame (whose
+        # trail may leave the frame).
+        assert _offset_along_motion(trailed[:, f], spec, t) < _offset_along_motion(plain[:, f], spec, t) - 0.1
+    # The trail is drawn behind the shape: pixels the shape covers fully keep exactly its colour.
+    fg = (torch.tensor(COLORS[spec.color], dtype=torch.float32) / 127.5 - 1.0).view(3, 1, 1, 1)
+    full = (plain - fg).abs().amax(dim=0) < 1e-6
+    assert full.any() and torch.equal(trailed[:, full], plain[:, full])
+    assert not torch.equal(trailed, plain)
+
+
+def test_the_probe_reads_trailed_ground_truth_clips_perfectly():
+    from perflow_video.toy.probe import probe_accuracy
+
+    world = ShapeWorld("all", seed=9, config=ShapeWorldConfig(trail_frames=4.0))
+    clips = [world.clip(i) for i in range(72)]
+    acc = probe_accuracy(clips, [world.spec(i).prompt for i in range(72)])
+    assert acc["all"] == 1.0
+
+
+def test_reversal_pairs_are_refused_in_a_world_with_trails():
+    world = ShapeWorld("train", config=ShapeWorldConfig(trail_frames=3.0))
+    with pytest.raises(ValueError, match="trail"):
+        world.reversal_pairs(0, 2)

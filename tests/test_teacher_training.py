@@ -380,6 +380,28 @@ def test_script_fine_tunes_into_the_zero_snr_v_schedule_and_a_resume_must_keep_i
         load_teacher_weights(out, arch, teacher_unet_motion(arch), teacher_text_encoder(arch), "animatediff")
 
 
+def test_script_trains_in_a_world_with_trails_and_a_resume_must_keep_the_trail(tmp_path: Path, capsys):
+    """One step from the packaged teacher with --trail-frames; resuming without the trail is refused by name,
+    and reversal pairs (whose reversed trail would point ahead) are refused up front."""
+    script = _script()
+    out = tmp_path / "trail"
+    start = json.loads((tiny_teacher_folder() / "teacher_info.json").read_text())["step"]
+    argv = [
+        "--out", str(out), "--init-from", str(tiny_teacher_folder()), "--trail-frames", "4",
+        "--steps", str(start + 1), "--batch-size", "2", "--eval-every", "1000000", "--eval-train-prompts", "1",
+        "--eval-held-out", "0", "--eval-steps", "2", "--checkpoint-minutes", "100", "--log-every", "1",
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    argv[argv.index("--steps") + 1] = str(start + 2)
+    argv[argv.index("--trail-frames") + 1] = "0"
+    capsys.readouterr()
+    assert script.main(argv) != 0
+    assert "--trail-frames 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([*argv[:-2], "--trail-frames", "4", "--reversal-pairs"])
+    assert "reversed trail" in capsys.readouterr().err
+
+
 def test_a_direction_runs_eval_prompts_are_that_directions_training_and_held_out_prompts():
     from perflow_video.toy.shape_world import HELD_OUT, parse_prompt
 

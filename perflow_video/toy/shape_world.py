@@ -109,6 +109,8 @@ class ShapeWorldConfig:
     min_travel: float = 10.0  # distance the centre moves from the first to the last frame
     max_travel: float = 17.0  # capped further so the whole path fits inside the frame
     margin: float = 0.5  # gap kept between the shape and the frame border
+    trail_frames: float = 0.0  # length of a fading trail behind the shape, in frames of its motion; 0: none
+    trail_opacity: float = 0.35  # the trail's opacity right behind the shape (it fades to 0 at its end)
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,8 @@ OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "up": "down", "dow
 def reversed_spec(spec: ClipSpec) -> ClipSpec:
     """The clip ``spec`` played backwards: it starts where ``spec`` ends and moves the opposite way.
 
-    ``render_clip(reversed_spec(s))`` is ``render_clip(s)`` with its frames in reverse order (constant speed,
-    no bounces), so a clip and its reversal differ only in frame order and in the caption's direction word.
+    Without a trail, ``render_clip(reversed_spec(s))`` is ``render_clip(s)`` with its frames in reverse order
+    (constant speed, no bounces), so a clip and its reversal differ only in frame order and in the caption's direction word.
     """
     return ClipSpec(
         spec.color, spec.shape, OPPOSITE[spec.direction], spec.radius, spec.center(1.0), spec.travel
@@ -190,6 +192,32 @@ def _coverage(shape: str, cy: torch.Tensor, cx: torch.Tensor, radius: float, siz
     return inside.to(torch.float64).view(f, size, s, size, s).mean(dim=(2, 4))
 
 
+#: Past positions sampled along a trail (each a faded copy of the shape).
+TRAIL_SAMPLES = 8
+
+
+def _coverage_at(spec: ClipSpec, ts: list[float], config: ShapeWorldConfig) -> torch.Tensor:
+    """Coverage of the shape at clip times ``ts``: (len(ts), size, size) float64."""
+    centers = torch.tensor([spec.center(t) for t in ts], dtype=torch.float64)
+    return _coverage(spec.shape, centers[:, 0], centers[:, 1], spec.radius, config.size)
+
+
+def _trail_coverage(spec: ClipSpec, ts: list[float], config: ShapeWorldConfig) -> torch.Tensor:
+    """Coverage of the fading trail: the shape at past positions, opacity falling linearly to 0.
+
+    The trail extends the path backwards (before the first frame too: the object was already moving), so
+    every single frame shows which way the object moves - what motion blur does in real video.
+    """
+    dt = config.trail_frames / max(config.num_frames - 1, 1)  # trail length in clip time
+    trail = torch.zeros(len(ts), config.size, config.size, dtype=torch.float64)
+    for k in range(1, TRAIL_SAMPLES + 1):
+        frac = k / TRAIL_SAMPLES
+        past = _coverage_at(spec, [t - frac * dt for t in ts], config)
+        weight = config.trail_opacity * (1.0 - frac + 1.0 / TRAIL_SAMPLES)
+        trail = torch.maximum(trail, weight * past)
+    return trail
+
+
 def render_clip(spec: ClipSpec, config: ShapeWorldConfig = ShapeWorldConfig()) -> torch.Tensor:
     """Renders a clip.
 
@@ -198,8 +226,9 @@ def render_clip(spec: ClipSpec, config: ShapeWorldConfig = ShapeWorldConfig()) -
     """
     n = config.num_frames
     ts = [k / (n - 1) for k in range(n)] if n > 1 else [0.0]
-    centers = torch.tensor([spec.center(t) for t in ts], dtype=torch.float64)
-    cov = _coverage(spec.shape, centers[:, 0], centers[:, 1], spec.radius, config.size)  # (F, H, W)
+    cov = _coverage_at(spec, ts, config)  # (F, H, W)
+    if config.trail_frames > 0:
+        cov = torch.maximum(cov, _trail_coverage(spec, ts, config))
     bg = torch.tensor(BACKGROUND, dtype=torch.float64).view(3, 1, 1, 1)
     fg = torch.tensor(COLORS[spec.color], dtype=torch.float64).view(3, 1, 1, 1)
     rgb = bg + (fg - bg) * cov.unsqueeze(0)  # (3, F, H, W), 0..255
@@ -284,7 +313,12 @@ class ShapeWorld:
         order and the direction word differ, so only the caption's direction can tell their noise apart. A
         dropped caption stays dropped; a reversal whose prompt is not in this split (a held-out triple) is
         replaced by the clip itself, so no held-out combination is ever trained on.
+
+        Raises:
+            ValueError: with a trail (``config.trail_frames > 0``), whose reversal is not a clip of this world.
         """
+        if self.config.trail_frames > 0:
+            raise ValueError("reversal pairs need a world without trails: a reversed trail points ahead")
         specs = [self.spec(i) for i in range(start, start + n_pairs)]
         captions = [self.caption(i) for i in range(start, start + n_pairs)]
         backwards = [reversed_spec(s) for s in specs]
