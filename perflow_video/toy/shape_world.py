@@ -142,7 +142,8 @@ def reversed_spec(spec: ClipSpec) -> ClipSpec:
     """The clip ``spec`` played backwards: it starts where ``spec`` ends and moves the opposite way.
 
     Without a trail, ``render_clip(reversed_spec(s))`` is ``render_clip(s)`` with its frames in reverse order
-    (constant speed, no bounces), so a clip and its reversal differ only in frame order and in the caption's direction word.
+    (constant speed, no bounces), so a clip and its reversal differ only in frame order and in the caption's
+    direction word.
     """
     return ClipSpec(
         spec.color, spec.shape, OPPOSITE[spec.direction], spec.radius, spec.center(1.0), spec.travel
