@@ -146,15 +146,27 @@ def leak(teacher, z0, noise, prompts: list[str], alphas, prediction_type: str) -
     return out
 
 
-def direction_mean_latents(teacher, seed: int, clips: int = 288) -> dict[str, torch.Tensor]:
+def teacher_world(teacher: str) -> ShapeWorldConfig:
+    """The shape world a ``train_tiny_teacher.py`` folder was trained in (its ``teacher_info.json``'s trail);
+    the default, trail-free world for folders that do not record one (the shipped teacher)."""
+    info = Path(teacher) / "teacher_info.json"
+    world = json.loads(info.read_text()).get("world", {}) if info.is_file() else {}
+    return ShapeWorldConfig(**world)
+
+
+def direction_mean_latents(
+    teacher, seed: int, world_config: ShapeWorldConfig, clips: int = 288
+) -> dict[str, torch.Tensor]:
     """The mean scaled VAE latent clip of each direction over ``clips`` shape-world clips."""
-    world = ShapeWorld("all", seed=seed + 11, config=ShapeWorldConfig())
+    world = ShapeWorld("all", seed=seed + 11, config=world_config)
     z0, prompts = validation_latents(teacher.models.vae, world, clips, torch.Generator().manual_seed(seed))
     words = [parse_prompt(p)[2] for p in prompts]
     return {d: z0[[i for i, w in enumerate(words) if w == d]].mean(dim=0) for d in DIRECTION_VECTORS}
 
 
-def x0_track(teacher, alphas, prediction_type: str, guidance: float, seed: int) -> dict:
+def x0_track(
+    teacher, alphas, prediction_type: str, guidance: float, seed: int, world_config: ShapeWorldConfig
+) -> dict:
     """Mean centroid-track slope along the caption's direction of the x0 prediction from noise, per timestep
     and guidance (8 captions per direction, the same 8 noises for every direction, so a track that does not
     depend on the word averages to 0), and of the data's mean clip (200 clips per direction)."""
@@ -174,7 +186,7 @@ def x0_track(teacher, alphas, prediction_type: str, guidance: float, seed: int) 
             out[step][f"cfg{w:g}"] = round(
                 centroid_track_slope(teacher.decode(x0), directions).mean().item(), 3
             )
-    world = ShapeWorld("all", seed=seed + 77, config=ShapeWorldConfig())
+    world = ShapeWorld("all", seed=seed + 77, config=world_config)
     clips: dict[str, list] = {d: [] for d in DIRECTION_VECTORS}
     for i in range(200 * len(DIRECTION_VECTORS)):
         clips[parse_prompt(world.spec(i).prompt)[2]].append(world.clip(i))
@@ -189,13 +201,15 @@ def measure(args: argparse.Namespace) -> dict:
     teacher = load_teacher(args.teacher, num_frames=16)
     alphas = DDIMScheduler.from_config(teacher.scheduler_config).alphas_cumprod  # its own schedule
     prediction_type = teacher.scheduler_config["prediction_type"]
-    world = ShapeWorld("all", seed=args.seed + 4243, config=ShapeWorldConfig())
+    world_config = teacher_world(args.teacher)
+    world = ShapeWorld("all", seed=args.seed + 4243, config=world_config)
     g = torch.Generator().manual_seed(args.seed)
     z0, prompts = validation_latents(teacher.models.vae, world, args.clips, g)
     noise = torch.randn(z0.shape, generator=g)
     t = torch.linspace(100, 900, args.clips).round().long()
     right = hidden_states(teacher, prompts)
     out: dict = {"teacher": args.teacher, "clips": args.clips, "seed": args.seed}
+    out["world"] = {"trail_frames": world_config.trail_frames, "trail_opacity": world_config.trail_opacity}
     for attribute in SWAPS:
         swapped = hidden_states(teacher, [swap_caption(p, attribute) for p in prompts])
         eps = {}
@@ -211,12 +225,12 @@ def measure(args: argparse.Namespace) -> dict:
             ),
         }
     out["frame_order"] = frame_order(teacher, z0, noise, right, alphas, g)
-    out["x0_track"] = x0_track(teacher, alphas, prediction_type, args.cfg, args.seed)
+    out["x0_track"] = x0_track(teacher, alphas, prediction_type, args.cfg, args.seed, world_config)
     out["leak"] = leak(teacher, z0, noise, prompts, alphas, prediction_type)
     if args.same_noise:
         chosen = select_prompts(str(args.same_noise))
         out["same_noise"] = opposite_word_samples(teacher, chosen, args.probe_steps, args.cfg, args.seed)
-        means = direction_mean_latents(teacher, args.seed)
+        means = direction_mean_latents(teacher, args.seed, world_config)
         out["same_noise_mean_start"] = opposite_word_samples(
             teacher, chosen, args.probe_steps, args.cfg, args.seed, start_signal=means
         )

@@ -741,10 +741,18 @@ def evaluate_teacher(
 
 
 def export_teacher(
-    folder: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int, schedule: str
+    folder: Path,
+    vae,
+    encoder,
+    unet_motion,
+    arch: TeacherArch,
+    step: int,
+    schedule: str,
+    world: ShapeWorldConfig,
 ) -> None:
     """Writes a diffusers-layout teacher folder (safetensors, the ``schedule``'s DDIM config) at ``folder``
-    via a temporary sibling."""
+    via a temporary sibling; its ``teacher_info.json`` records the step, architecture, schedule and the
+    trail of the ``world`` it was trained in."""
     from diffusers import StableDiffusionPipeline
 
     tmp = folder.with_name(f".{folder.name}.tmp") if folder.name else folder / ".tmp"
@@ -764,15 +772,25 @@ def export_teacher(
     pipe.save_pretrained(tmp, safe_serialization=True)
     adapter.save_pretrained(tmp / "motion_adapter", safe_serialization=True)
     (tmp / "teacher_info.json").write_text(
-        json.dumps({"step": step, "arch": arch.to_json(), "schedule": schedule}, indent=2) + "\n"
+        json.dumps(
+            {"step": step, "arch": arch.to_json(), "schedule": schedule, "world": world_info(world)}, indent=2
+        )
+        + "\n"
     )
     _replace_dir(tmp, folder)
 
 
-def export_final(out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int, schedule: str) -> None:
+def world_info(world: ShapeWorldConfig) -> dict:
+    """What ``teacher_info.json`` records of the training world (read back by ``diagnose_caption_use.py``)."""
+    return {"trail_frames": world.trail_frames, "trail_opacity": world.trail_opacity}
+
+
+def export_final(
+    out: Path, vae, encoder, unet_motion, arch: TeacherArch, step: int, schedule: str, world: ShapeWorldConfig
+) -> None:
     """The final teacher goes to ``out/`` itself: each component folder is swapped in from a temp copy."""
     staging = out / ".final.tmp"
-    export_teacher(staging, vae, encoder, unet_motion, arch, step, schedule)
+    export_teacher(staging, vae, encoder, unet_motion, arch, step, schedule, world)
     for name in sorted(os.listdir(staging)):
         src, dst = staging / name, out / name
         if src.is_dir():
@@ -1092,7 +1110,7 @@ def evaluate_and_snapshot(
         f"speed {ev['mean_speed_px_per_frame']} val_loss {ev['val_loss']} ({ev['eval_seconds']} s)",
         flush=True,
     )
-    export_teacher(out / "snapshot", data.vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule)
+    export_teacher(out / "snapshot", data.vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule, cfg)
     run.unet.train()
     run.encoder.train(run.train_text)
 
@@ -1136,7 +1154,7 @@ def train_teacher(
     bar.close()
     save_teacher_checkpoint(run, args, arch, ckpt_path)
     if run.step >= args.steps and not args.no_final_export:
-        export_final(out, vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule)
+        export_final(out, vae, run.ema_text, run.ema_unet, arch, run.step, args.schedule, cfg)
         print(f"teacher: final EMA teacher written to {out} (step {run.step})", flush=True)
     print(f"teacher: stopped at step {run.step} after {(time.time() - t_start) / 60:.1f} min", flush=True)
     return run.step

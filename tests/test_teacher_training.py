@@ -257,8 +257,12 @@ def test_the_attribute_loss_puts_the_direction_into_the_padding_of_a_tiny_clip_e
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_teacher.py"
-    spec = importlib.util.spec_from_file_location("train_tiny_teacher", path)
+    return _load_script("train_tiny_teacher")
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # as an import would: the script's dataclasses look their module up
     spec.loader.exec_module(module)
@@ -392,6 +396,10 @@ def test_script_trains_in_a_world_with_trails_and_a_resume_must_keep_the_trail(t
         "--eval-held-out", "0", "--eval-steps", "2", "--checkpoint-minutes", "100", "--log-every", "1",
     ]  # fmt: skip
     assert script.main(argv) == 0
+    assert json.loads((out / "teacher_info.json").read_text())["world"]["trail_frames"] == 4
+    diagnose = _load_script("diagnose_caption_use")  # measures in the world the teacher was trained in
+    assert diagnose.teacher_world(str(out)).trail_frames == 4
+    assert diagnose.teacher_world(str(tiny_teacher_folder())).trail_frames == 0
     argv[argv.index("--steps") + 1] = str(start + 2)
     argv[argv.index("--trail-frames") + 1] = "0"
     capsys.readouterr()
