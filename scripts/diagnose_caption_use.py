@@ -209,7 +209,7 @@ def measure(args: argparse.Namespace) -> dict:
     t = torch.linspace(100, 900, args.clips).round().long()
     right = hidden_states(teacher, prompts)
     out: dict = {"teacher": args.teacher, "clips": args.clips, "seed": args.seed}
-    out["world"] = {"trail_frames": world_config.trail_frames, "trail_opacity": world_config.trail_opacity}
+    out["world"] = world_config.trail_record()
     for attribute in SWAPS:
         swapped = hidden_states(teacher, [swap_caption(p, attribute) for p in prompts])
         eps = {}

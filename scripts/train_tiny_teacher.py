@@ -773,16 +773,12 @@ def export_teacher(
     adapter.save_pretrained(tmp / "motion_adapter", safe_serialization=True)
     (tmp / "teacher_info.json").write_text(
         json.dumps(
-            {"step": step, "arch": arch.to_json(), "schedule": schedule, "world": world_info(world)}, indent=2
+            {"step": step, "arch": arch.to_json(), "schedule": schedule, "world": world.trail_record()},
+            indent=2,
         )
         + "\n"
     )
     _replace_dir(tmp, folder)
-
-
-def world_info(world: ShapeWorldConfig) -> dict:
-    """What ``teacher_info.json`` records of the training world (read back by ``diagnose_caption_use.py``)."""
-    return {"trail_frames": world.trail_frames, "trail_opacity": world.trail_opacity}
 
 
 def export_final(
@@ -898,7 +894,11 @@ def resume_teacher(run: TeacherRun, ckpt_path: Path, args, arch: TeacherArch) ->
             f"{ckpt_path} was trained with --direction '{trained_direction}', this run has --direction "
             f"'{args.direction}': resume with the same or start a new --out"
         )
-    trained_trail = (ck["args"].get("trail_frames", 0.0), ck["args"].get("trail_opacity", 0.35))
+    plain = ShapeWorldConfig()  # checkpoints from before --trail-frames: the trail-free world
+    trained_trail = (
+        ck["args"].get("trail_frames", plain.trail_frames),
+        ck["args"].get("trail_opacity", plain.trail_opacity),
+    )
     if trained_trail != (args.trail_frames, args.trail_opacity):
         raise ConfigError(
             f"{ckpt_path} was trained with --trail-frames {trained_trail[0]:g} --trail-opacity "

@@ -110,7 +110,11 @@ class ShapeWorldConfig:
     max_travel: float = 17.0  # capped further so the whole path fits inside the frame
     margin: float = 0.5  # gap kept between the shape and the frame border
     trail_frames: float = 0.0  # length of a fading trail behind the shape, in frames of its motion; 0: none
-    trail_opacity: float = 0.35  # the trail's opacity right behind the shape (it fades to 0 at its end)
+    trail_opacity: float = 0.35  # the trail's opacity right behind the shape (it fades towards 0 at its end)
+
+    def trail_record(self) -> dict[str, float]:
+        """The trail settings as a teacher records them (``ShapeWorldConfig(**record)`` reads them back)."""
+        return {"trail_frames": self.trail_frames, "trail_opacity": self.trail_opacity}
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ def _coverage_at(spec: ClipSpec, ts: list[float], config: ShapeWorldConfig) -> t
 
 
 def _trail_coverage(spec: ClipSpec, ts: list[float], config: ShapeWorldConfig) -> torch.Tensor:
-    """Coverage of the fading trail: the shape at past positions, opacity falling linearly to 0.
+    """Coverage of the fading trail: the shape at past positions, opacity falling linearly towards 0.
 
     The trail extends the path backwards (before the first frame too: the object was already moving), so
     every single frame shows which way the object moves - what motion blur does in real video.
